@@ -1,0 +1,184 @@
+"""One reconstruction, stage by stage: matting -> prior (+ textual inversion) -> field fit -> pictures.
+
+The pipeline reports progress through one callback that receives plain `Progress`
+records, so the CLI (tqdm), the server (events) and tests can all listen without
+the pipeline knowing who is there. Everything it produces goes into an `OutputDir`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .cameras import orbit_cameras, reference_camera, turntable_cameras
+from .config import ReconstructionConfig
+from .errors import DeviceError
+from .matting import ReferenceImage, prepare_reference, save_reference
+from .outputs import OutputDir, atomic_torch_save, atomic_write_bytes, image_grid, save_png
+from .system import RealFusionSystem, ReferenceView
+
+CHECKPOINT = "checkpoints/last.pt"
+FIELD_FILE = "field.pt"
+EMBEDDING_FILE = "embedding.pt"
+
+
+@dataclass
+class Progress:
+    stage: str  # matting | prior | textual_inversion | fit | turntable | done
+    step: int = 0
+    total: int = 0
+    metrics: dict = field(default_factory=dict)
+    preview: Path | None = None  # set when a new preview image was written
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine.",
+                          "Check `nvidia-smi` and that a CUDA build of torch is installed, "
+                          "or run with --device cpu (much slower).")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise DeviceError(f"Unknown device {name!r}.", "Use --device cuda, cuda:N or cpu.")
+    return torch.device(name)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("REALFUSION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "realfusion")
+    return Path(root)
+
+
+def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = None):
+    """The paper's prior: Stable Diffusion guided by a prompt with a token learned from the image."""
+
+    def make(cfg: ReconstructionConfig, reference: ReferenceImage, device: torch.device, out: OutputDir,
+             report: ProgressCallback):
+        from .guidance import (StableDiffusionGuidance, add_placeholder_token, cached_or_train,
+                               load_stable_diffusion, text_embeddings_for_guidance)
+
+        report(Progress("prior"))
+        sd = load_stable_diffusion(model or cfg.prior.model, device, cfg.prior.dtype)
+        ti = cfg.textual_inversion
+        token_id = add_placeholder_token(sd, ti.placeholder, ti.initializer)
+        learned = None
+        if ti.enabled:
+            image = torch.as_tensor(reference.rgb).permute(2, 0, 1).float()
+            generator = torch.Generator().manual_seed(cfg.seed)
+            learned, _from_cache = cached_or_train(
+                sd, image, reference.content_hash, ti, cache_dir or default_cache_dir() / "embeddings", generator,
+                progress=lambda step, loss: report(Progress("textual_inversion", step + 1, ti.steps, {"loss": loss})),
+            )
+            learned.save(out.file(EMBEDDING_FILE))
+        prompt = ti.prompt.format(ti.placeholder if ti.enabled else ti.initializer)
+        vector = None if learned is None else learned.vector.to(device)
+        embeddings = text_embeddings_for_guidance(sd, prompt, vector, token_id)
+        return StableDiffusionGuidance(sd, embeddings, cfg.prior)
+
+    return make
+
+
+def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, device: str | None = None,
+                prior=None, report: ProgressCallback | None = None, resume: bool = True) -> OutputDir:
+    """Run every stage; on any error the status says `failed` with the message, and the error propagates."""
+    report = report or (lambda _p: None)
+    out = OutputDir(outdir)
+    dev = resolve_device(device)
+    torch.manual_seed(cfg.seed)
+    out.set_status("running", "matting")
+    try:
+        atomic_write_bytes(out.file("config.json"), cfg.to_json().encode())
+        report(Progress("matting"))
+        reference = prepare_reference(image_path, cfg.matting)
+        save_reference(reference, out.path)
+
+        out.set_status("running", "prior")
+        guidance = (prior or stable_diffusion_prior())(cfg, reference, dev, out, report)
+
+        out.set_status("running", "fit")
+        system = RealFusionSystem(cfg, ReferenceView.from_arrays(reference.rgb, reference.mask,
+                                                                 cfg.render.ref_resolution, dev),
+                                  guidance, dev, seed=cfg.seed)
+        if resume:
+            _resume_if_possible(system, out)
+        fit(system, out, report)
+
+        out.set_status("running", "turntable")
+        report(Progress("turntable"))
+        save_turntable(system, out.file("turntable.png"))
+        save_field(system, out.file(FIELD_FILE))
+    except BaseException as exc:
+        out.set_status("failed", message=str(exc) or type(exc).__name__)
+        raise
+    out.set_status("done", "done", steps=system.step)
+    report(Progress("done", system.step, system.step))
+    return out
+
+
+def fit(system: RealFusionSystem, out: OutputDir, report: ProgressCallback) -> None:
+    fit_cfg = system.cfg.fit
+    while system.step < fit_cfg.iterations:
+        metrics = system.training_step()
+        step = system.step
+        preview = None
+        if step % fit_cfg.preview_every == 0 or step == fit_cfg.iterations:
+            preview = save_preview(system, out, step)
+        if step % fit_cfg.checkpoint_every == 0 and step < fit_cfg.iterations:
+            atomic_torch_save(out.file(CHECKPOINT), system.state_dict())
+        report(Progress("fit", step, fit_cfg.iterations, metrics, preview))
+
+
+def _resume_if_possible(system: RealFusionSystem, out: OutputDir) -> None:
+    path = out.file(CHECKPOINT)
+    if not path.exists():
+        return
+    state = torch.load(path, map_location=system.device, weights_only=False)
+    if state.get("config") == system.cfg.to_dict():
+        system.load_state_dict(state)
+
+
+def save_preview(system: RealFusionSystem, out: OutputDir, step: int) -> Path:
+    """Reference view and three turns around the object, color over normals, as previews/step_N.png and preview.png."""
+    cam_cfg = system.cfg.camera
+    size = system.cfg.render.random_resolution
+    azimuths = [cam_cfg.ref_azimuth_deg + a for a in (0, 90, 180, 270)]
+    cameras = orbit_cameras(cam_cfg.ref_polar_deg, azimuths, cam_cfg.ref_radius, cam_cfg.ref_fovy_deg, size,
+                            system.device)
+    picture = _color_and_normal_rows(system, cameras)
+    path = out.file(f"previews/step_{step:06d}.png")
+    save_png(path, picture)
+    save_png(out.file("preview.png"), picture)
+    return path
+
+
+def save_turntable(system: RealFusionSystem, path: Path) -> None:
+    fit_cfg = system.cfg.fit
+    cameras = turntable_cameras(system.cfg.camera, fit_cfg.turntable_views, fit_cfg.turntable_resolution,
+                                system.device)
+    save_png(path, _color_and_normal_rows(system, cameras))
+
+
+def _color_and_normal_rows(system: RealFusionSystem, cameras):
+    out = system.render(cameras, shading="albedo")
+    normals = out.normal * 0.5 + 0.5 * out.opacity[..., None]  # [-1,1] -> [0,1] inside, black outside
+    return image_grid([list(out.rgb), list(normals)])
+
+
+def save_field(system: RealFusionSystem, path: Path) -> None:
+    """The averaged field, its background and the config it was made with: what export needs."""
+    field_ema, *rest = system.ema.shadow
+    atomic_torch_save(path, {
+        "field": field_ema.state_dict(),
+        "background": rest[0].state_dict() if rest else None,
+        "config": system.cfg.to_dict(),
+        "step": system.step,
+        "reference_camera": {"c2w": reference_camera(system.cfg.camera, 1).c2w[0].tolist(),
+                             "fovy_deg": system.cfg.camera.ref_fovy_deg},
+    })

@@ -1,0 +1,208 @@
+"""The system: RealFusion's training loop over field, renderer and guidance.
+
+Each iteration renders (a) the fixed reference view, scored against the photo
+and its mask, and (b) a random view, scored by the prior (SDS), plus the
+regularisers. The schedule (albedo-only warm-up, coarse-to-fine over hash-grid
+levels) is a pure function of the iteration, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from . import losses
+from .cameras import Cameras, reference_camera, sample_random_cameras
+from .config import ReconstructionConfig
+from .fields.radiance_field import BackgroundField, RadianceField
+from .renderer import RenderOutput, VolumeRenderer, light_directions_near
+
+
+class Guidance(Protocol):
+    """What the loop needs from a prior: a surrogate loss whose gradient is the prior's score."""
+
+    def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, *,
+                 step_ratio: float | None = None): ...
+
+
+@dataclass
+class ReferenceView:
+    """The photo as the loop sees it: at the reference render size, on `device`."""
+
+    rgb: torch.Tensor  # [H,W,3] in [0,1]
+    mask: torch.Tensor  # [H,W] in [0,1]
+
+    @classmethod
+    def from_arrays(cls, rgb, mask, resolution: int, device) -> "ReferenceView":
+        rgb_t = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
+        mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+        rgb_t = F.interpolate(rgb_t, size=(resolution, resolution), mode="area")
+        mask_t = F.interpolate(mask_t, size=(resolution, resolution), mode="area")
+        return cls(rgb_t[0].permute(1, 2, 0).to(device), mask_t[0, 0].to(device))
+
+
+class ExponentialMovingAverage:
+    """Shadow copy of the parameters; previews and exports use it, as the official code does."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.modules = modules
+        self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for module, shadow in zip(self.modules, self.shadow):
+            for p, s in zip(module.parameters(), shadow.parameters()):
+                s.lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> list[dict]:
+        return [s.state_dict() for s in self.shadow]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for shadow, state in zip(self.shadow, states):
+            shadow.load_state_dict(state)
+
+
+class RealFusionSystem:
+    def __init__(self, cfg: ReconstructionConfig, reference: ReferenceView, guidance: Guidance,
+                 device: torch.device, seed: int = 0):
+        self.cfg = cfg
+        self.device = device
+        self.reference = reference
+        self.guidance = guidance
+        self.field = RadianceField(cfg.field).to(device)
+        self.background = BackgroundField(cfg.field.bg_hidden_dim).to(device) if cfg.render.background == "mlp" else None
+        self.renderer = VolumeRenderer(cfg.render, cfg.field.bound)
+        self.optimizer = self._make_optimizer()
+        self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay)
+        self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible
+        self.step = 0
+        self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.field, self.background) if m is not None]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        fit = self.cfg.fit
+        groups = [
+            {"params": self.field.grid_parameters(), "lr": fit.learning_rate * fit.grid_lr_multiplier},
+            {"params": self.field.mlp_parameters(), "lr": fit.learning_rate},
+        ]
+        if self.background is not None:
+            groups.append({"params": list(self.background.parameters()), "lr": fit.learning_rate})
+        return torch.optim.Adam(groups, betas=fit.betas, eps=fit.eps)
+
+    # --- schedule: pure functions of the iteration --------------------------------------------
+
+    def active_levels(self, step: int) -> int:
+        fit = self.cfg.fit
+        if step < fit.coarse_to_fine_fraction * fit.iterations:
+            return self.field.n_levels - fit.coarse_levels_masked
+        return self.field.n_levels
+
+    def choose_shading(self, step: int) -> str:
+        render = self.cfg.render
+        if step < render.albedo_only_fraction * self.cfg.fit.iterations:
+            return "albedo"
+        probs = torch.tensor(render.shading_probs)
+        index = int(torch.multinomial(probs, 1, generator=self.generator))
+        return ("albedo", "lambertian", "textureless")[index]
+
+    # --- one iteration ---------------------------------------------------------------------------
+
+    def training_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.field.set_active_levels(self.active_levels(self.step))
+        terms: dict[str, torch.Tensor] = {}
+
+        if cfg.loss.image > 0 or cfg.loss.mask > 0:
+            if self.step % cfg.fit.ref_view_every == 0:
+                terms.update(self._reference_terms())
+
+        if cfg.loss.sds > 0:
+            terms.update(self._prior_terms())
+
+        total = sum(getattr(cfg.loss, name) * value for name, value in terms.items())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.optimizer.step()
+        self.ema.update()
+        self.step += 1
+        report = {name: float(value.detach()) for name, value in terms.items()}
+        report["total"] = float(total.detach())
+        return report
+
+    def _reference_terms(self) -> dict[str, torch.Tensor]:
+        out = self.renderer.render(self.field, self.background, self.ref_camera, shading="albedo",
+                                   with_normals=False, stratified=True)
+        return {
+            "image": losses.reference_image_loss(out.rgb[0], out.background[0], self.reference.rgb,
+                                                 self.reference.mask),
+            "mask": losses.mask_loss(out.opacity[0], self.reference.mask),
+        }
+
+    def _prior_terms(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator, self.device)
+        shading = self.choose_shading(self.step)
+        light = light_directions_near(cameras, self.generator)
+        out = self.renderer.render(self.field, self.background, cameras, shading=shading, light_dir=light,
+                                   with_normals=True, stratified=True)
+        guided = self.guidance.sds_loss(out.image(), cameras, step_ratio=self.step / max(cfg.fit.iterations, 1))
+        terms = {"sds": guided.loss, "entropy": losses.opacity_entropy(out.opacity)}
+        if out.normal is not None:
+            terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out.normal, cfg.loss.normal_blur_kernel)
+            terms["orientation"] = out.orientation
+        return terms
+
+    # --- looking at the result -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras, shading: str = "albedo", use_ema: bool = True) -> RenderOutput:
+        """Render with every level active, using the averaged weights by default, in chunks of views."""
+        field, background = self.field, self.background
+        if use_ema:
+            field = self.ema.shadow[0]
+            background = self.ema.shadow[1] if self.background is not None else None
+        field.level_mask.copy_(self.field.level_mask)
+        light = light_directions_near(cameras, spread=0.0) if shading != "albedo" else None
+        outputs = [
+            self.renderer.render(field, background, cameras[i], shading=shading,
+                                 light_dir=None if light is None else light[i:i + 1], with_normals=True)
+            for i in range(len(cameras))
+        ]
+        return RenderOutput(
+            rgb=torch.cat([o.rgb for o in outputs]),
+            opacity=torch.cat([o.opacity for o in outputs]),
+            depth=torch.cat([o.depth for o in outputs]),
+            normal=torch.cat([o.normal for o in outputs]),
+            orientation=None,
+            background=torch.cat([o.background for o in outputs]),
+        )
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "field": self.field.state_dict(),
+            "background": None if self.background is None else self.background.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "generator": self.generator.get_state(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.field.load_state_dict(state["field"])
+        if self.background is not None:
+            self.background.load_state_dict(state["background"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.generator.set_state(state["generator"])
+

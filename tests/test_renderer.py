@@ -1,0 +1,85 @@
+"""The renderer against closed forms: silhouettes, depth, transmittance, normals and shading."""
+
+import math
+
+import pytest
+import torch
+
+from analytic_fields import SphereField, UniformField
+from engine.cameras import orbit_cameras
+from engine.config import RenderConfig
+from engine.renderer import VolumeRenderer, intersect_box, light_directions_near
+
+
+def render(field, cameras, **kwargs):
+    renderer = VolumeRenderer(RenderConfig(num_samples=256), bound=0.75)
+    return renderer.render(field, None, cameras, **kwargs)
+
+
+def test_sphere_silhouette_matches_its_projection():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 48)
+    out = render(SphereField(radius=0.4), cam)
+    origins, dirs = cam.rays()
+    # a ray hits the sphere iff its closest approach to the center is under the radius
+    closest = torch.cross(dirs, -origins, dim=-1).norm(dim=-1)
+    inside = closest < 0.4
+    assert out.opacity[inside & (closest < 0.38)].min() > 0.99
+    assert out.opacity[~inside].max() < 1e-6
+
+
+def test_depth_is_distance_to_the_surface():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 32)
+    out = render(SphereField(radius=0.4), cam)
+    center_depth = out.depth[0, 15:17, 15:17].mean().item()
+    assert center_depth == pytest.approx(2.0 - 0.4, abs=0.02)
+
+
+def test_uniform_medium_follows_beer_lambert():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 1.0, 2)  # nearly parallel rays straight through the box
+    out = render(UniformField(density=1.5), cam)
+    expected = 1.0 - math.exp(-1.5 * 1.5)  # box side is 2 * bound = 1.5
+    assert out.opacity.mean().item() == pytest.approx(expected, rel=1e-3)
+    # white background shows through the rest
+    color = torch.tensor([0.2, 0.6, 0.4]) * expected + (1 - expected)
+    assert torch.allclose(out.rgb[0, 0, 0], color, atol=1e-3)
+
+
+def test_rays_that_miss_the_box_are_empty():
+    origins = torch.tensor([[0.0, -2.0, 2.0]])
+    dirs = torch.tensor([[0.0, 1.0, 0.0]])
+    near, far = intersect_box(origins, dirs, 0.75)
+    assert far <= near
+    cam = orbit_cameras(90.0, 0.0, 2.0, 170.0, 16)  # so wide that the corners miss the box
+    out = render(UniformField(density=5.0), cam)
+    assert out.opacity[0, 0, 0] == 0.0
+
+
+def test_normals_face_the_camera_at_the_center_and_albedo_shows_the_front():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 32)
+    out = render(SphereField(radius=0.4), cam)
+    center_normal = out.normal[0, 16, 16]
+    to_camera = cam.position[0] / cam.position[0].norm()
+    assert torch.dot(center_normal / center_normal.norm(), to_camera) > 0.99
+    assert out.orientation.item() == pytest.approx(0.0, abs=1e-6)  # no normal faces away where it is seen
+    # seen from the front (-Y), +X (red) is on the right half of the image
+    assert out.rgb[0, 16, 24, 0] > 0.9 and out.rgb[0, 16, 8, 2] > 0.9
+
+
+def test_lambertian_shading_darkens_away_from_the_light_and_textureless_drops_the_albedo():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 32)
+    light = light_directions_near(cam, spread=0.0)
+    sphere = SphereField(radius=0.4)
+    lit = render(sphere, cam, shading="lambertian", light_dir=light, ambient=0.1)
+    plain = render(sphere, cam, shading="textureless", light_dir=light, ambient=0.1)
+    albedo = render(sphere, cam, shading="albedo")
+    center, rim = (16, 18), (16, 24)  # both on the red half; the sphere spans about 9 px of radius
+    assert lit.rgb[0, center[0], center[1], 0] > lit.rgb[0, rim[0], rim[1], 0] + 0.2
+    assert lit.rgb[0, 16, 24, 0] <= albedo.rgb[0, 16, 24, 0] + 1e-6
+    gray = plain.rgb[0, 16, 16]
+    assert torch.allclose(gray, gray.mean().expand(3), atol=1e-5) and gray.mean() > 0.9
+
+
+def test_unknown_shading_is_rejected():
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 4)
+    with pytest.raises(ValueError, match="shading"):
+        render(SphereField(), cam, shading="phong", light_dir=light_directions_near(cam, spread=0.0))
