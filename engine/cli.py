@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, apply_overrides, preset
+from .config import PRESETS, build_config
 from .errors import EngineError
 
 METHODS = ("realfusion",)
@@ -30,26 +30,46 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
     rec.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
     rec.add_argument("--restart", action="store_true", help="ignore a checkpoint left in the output folder")
+
+    srv = commands.add_parser("serve", help="run the local job server that the Blender add-on talks to")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default 8765)")
+    srv.add_argument("--jobs-dir", type=Path, help="folder of the jobs (default ~/.local/share/realfusion/jobs)")
+    srv.add_argument("--model", help="default Stable Diffusion hub id or local folder (default: SD 1.5)")
+    srv.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    srv.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
+
+    exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
+                                             "its camera; `reconstruct` runs this at its end")
+    exp.add_argument("outdir", type=Path, help="a folder `reconstruct` wrote (it holds field.pt)")
+    exp.add_argument("--resolution", type=int, help="marching-cubes grid points per side (default 256)")
+    exp.add_argument("--texture", type=int, dest="texture_size", help="albedo texture side in pixels (default 2048)")
+    exp.add_argument("--faces", type=int, dest="max_faces", help="decimate to this many triangles, 0: keep all "
+                                                                 "(default 50000)")
+    exp.add_argument("--format", choices=("glb", "obj"), help="glb: one file with the camera (default); obj: "
+                                                             "OBJ + MTL + PNG")
+    exp.add_argument("--vertex-colors", action="store_const", const=True, dest="vertex_colors",
+                     help="albedo on the vertices instead of a texture (quicker, for a first look)")
+    exp.add_argument("--size", type=float, dest="object_size_m", help="the object's longest side in meters "
+                                                                      "(default 1; 0 keeps the field's units)")
+    exp.add_argument("--origin", choices=("center", "bottom"), help="object centered at the origin (default), or "
+                                                                   "resting on z = 0")
+    exp.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     return parser
 
 
 def make_config(args):
-    cfg = preset(args.preset)
-    cfg.seed = args.seed
-    cfg.method = args.method
-    if args.model:
-        cfg.prior.model = args.model
-    return apply_overrides(cfg, args.overrides)
+    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model)
 
 
 class StageBars:
     """One tqdm bar per stage, closed when the next stage starts."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
-        self._stream = stream
+        self._stream = stream or sys.stderr
         self._stage = None
         self._bar = None
 
@@ -57,8 +77,14 @@ class StageBars:
         if progress.stage != self._stage:
             self.close()
             self._stage = progress.stage
+            if progress.stage == "done":
+                return
+            # Stages without steps (matting, loading the model) show their elapsed time only.
+            style = {} if progress.total else {"bar_format": "{desc}: {elapsed}"}
             self._bar = self._tqdm(total=progress.total or None, desc=progress.stage, file=self._stream,
-                                   dynamic_ncols=True, leave=True)
+                                   dynamic_ncols=True, leave=True, **style)
+        if self._bar is None:
+            return
         if progress.total and self._bar.total != progress.total:
             self._bar.total = progress.total
         if progress.step:
@@ -84,14 +110,44 @@ def cmd_reconstruct(args) -> int:
                           resume=not args.restart)
     finally:
         bars.close()
-    print(f"done: {out.path} (turntable.png, preview.png, field.pt, embedding.pt)")
+    mesh = (out.read_status() or {}).get("mesh")
+    print(f"done: {out.path} ({mesh + ', ' if mesh else ''}turntable.png, preview.png, field.pt, embedding.pt)")
     return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    changes = {name: getattr(args, name) for name in ("resolution", "texture_size", "max_faces", "format",
+                                                      "vertex_colors", "object_size_m", "origin")
+               if getattr(args, name) is not None}
+    bars = StageBars()
+    try:
+        result = export(args.outdir, device=args.device, report=bars, **changes)
+    finally:
+        bars.close()
+    print(f"exported: {result.mesh_path} ({result.faces} faces, {result.file_bytes / 1e6:.1f} MB"
+          f"{'' if result.watertight else ', not watertight'}) and camera.json, in {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    try:
+        from .server.app import serve
+        from .server.jobs import ServerSettings, default_jobs_dir
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette"):
+            raise
+        raise EngineError(f"`realfusion serve` needs {exc.name}, which is not installed.",
+                          "Install the server extra: pip install 'realfusion-blender[server]'.") from exc
+    settings = ServerSettings(model=args.model, device=args.device, cache_dir=args.cache_dir, host=args.host)
+    return serve(args.jobs_dir or default_jobs_dir(), settings, port=args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"reconstruct": cmd_reconstruct}
+    handlers = {"reconstruct": cmd_reconstruct, "serve": cmd_serve, "export": cmd_export}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

@@ -91,6 +91,7 @@ class FieldConfig:
 class RenderConfig:
     num_samples: int = 64  # samples per ray inside the bound
     normal_epsilon: float = 1e-2  # finite-difference step for normals, in world units
+    normal_min_weight: float = 1e-4  # normals only where a sample's compositing weight exceeds this
     ref_resolution: int = 128
     random_resolution: int = 96
     albedo_only_fraction: float = 0.2  # first 1000 of 5000 iterations: albedo only
@@ -128,6 +129,21 @@ class FitConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The mesh handed to Blender: marching cubes on the density, cleaned, unwrapped and textured."""
+
+    enabled: bool = True  # export at the end of `reconstruct` (`realfusion export` runs it again)
+    format: str = "glb"  # glb (one file, with the reference camera) or obj (+ .mtl + texture png)
+    resolution: int = 256  # marching-cubes grid points per side of the field's box
+    texture_size: int = 2048  # side of the square albedo texture, in pixels
+    max_faces: int = 50000  # decimate to this many triangles (0: keep every face)
+    vertex_colors: bool = False  # albedo on the vertices instead of a texture: quicker, for a first look
+    object_size_m: float = 1.0  # the object's longest side in meters (0: keep the field's units)
+    origin: str = "center"  # center (box center at the origin) or bottom (centered, resting on z = 0)
+    min_component_fraction: float = 0.1  # parts smaller than this fraction of the largest are floaters
+
+
+@dataclass
 class ReconstructionConfig:
     method: str = "realfusion"
     seed: int = 0
@@ -139,6 +155,7 @@ class ReconstructionConfig:
     render: RenderConfig = _section(RenderConfig)
     loss: LossConfig = _section(LossConfig)
     fit: FitConfig = _section(FitConfig)
+    export: ExportConfig = _section(ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +207,9 @@ def _fast() -> ReconstructionConfig:
     cfg.render.num_samples = 48
     cfg.render.random_resolution = 64
     cfg.render.ref_resolution = 96
+    cfg.export.resolution = 192
+    cfg.export.texture_size = 1024
+    cfg.export.max_faces = 30000
     return cfg
 
 
@@ -204,6 +224,17 @@ def preset(name: str) -> ReconstructionConfig:
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}; the presets are {', '.join(PRESETS)}.")
     return PRESETS[name]()
+
+
+def build_config(preset_name: str, overrides: list[str] = (), *, seed: int = 0, method: str = "realfusion",
+                 model: str | None = None) -> ReconstructionConfig:
+    """A preset with a seed, a method, an optional prior model and ``section.key=value`` overrides."""
+    cfg = preset(preset_name)
+    cfg.seed = seed
+    cfg.method = method
+    if model:
+        cfg.prior.model = model
+    return apply_overrides(cfg, list(overrides))
 
 
 def apply_overrides(cfg: ReconstructionConfig, overrides: list[str]) -> ReconstructionConfig:

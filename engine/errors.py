@@ -33,6 +33,12 @@ class OutputDirError(EngineError):
     exit_code = 6
 
 
+class ExportError(EngineError):
+    """The field cannot be turned into a mesh (empty, fills its box, or a bad export setting)."""
+
+    exit_code = 7
+
+
 class ConfigError(EngineError):
     exit_code = 2
 

@@ -34,6 +34,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for other programs too
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -41,6 +42,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             raise OutputDirError(f"The disk holding {path.parent} is full.",
                                  "Free some space (or pick another output folder) and run again.") from exc
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: Path, data: dict) -> None:

@@ -28,7 +28,7 @@ EMBEDDING_FILE = "embedding.pt"
 
 @dataclass
 class Progress:
-    stage: str  # matting | prior | textual_inversion | fit | turntable | done
+    stage: str  # matting | prior | textual_inversion | fit | turntable | export | done
     step: int = 0
     total: int = 0
     metrics: dict = field(default_factory=dict)
@@ -114,10 +114,16 @@ def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, de
         report(Progress("turntable"))
         save_turntable(system, out.file("turntable.png"))
         save_field(system, out.file(FIELD_FILE))
+        mesh = {}
+        if cfg.export.enabled:
+            from .export import export
+
+            out.set_status("running", "export")
+            mesh = {"mesh": export(out.path, cfg.export, device=dev, report=report).mesh_path.name}
     except BaseException as exc:
         out.set_status("failed", message=str(exc) or type(exc).__name__)
         raise
-    out.set_status("done", "done", steps=system.step)
+    out.set_status("done", "done", steps=system.step, **mesh)
     report(Progress("done", system.step, system.step))
     return out
 

@@ -9,6 +9,7 @@ albedo (no lighting), lambertian (albedo times diffuse light) and textureless
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,15 @@ SHADINGS = ("albedo", "lambertian", "textureless")
 
 
 @dataclass
+class Lighting:
+    """How a view was shaded: what a prior needs to judge the render like with like."""
+
+    shading: str
+    light_dir: torch.Tensor | None  # [B,3] toward the light; None for albedo
+    ambient: float
+
+
+@dataclass
 class RenderOutput:
     rgb: torch.Tensor  # [B,H,W,3] composited over the background
     opacity: torch.Tensor  # [B,H,W]
@@ -36,6 +46,13 @@ class RenderOutput:
     def image(self) -> torch.Tensor:
         """RGB as [B,3,H,W], the layout image models take."""
         return self.rgb.permute(0, 3, 1, 2)
+
+    def over_color(self, color: float | torch.Tensor) -> "RenderOutput":
+        """The same render with the object composited over a constant `color` instead of the background."""
+        background = torch.as_tensor(color, dtype=self.rgb.dtype, device=self.rgb.device).expand_as(self.rgb)
+        clear = (1.0 - self.opacity)[..., None]
+        rgb = self.rgb - clear * self.background + clear * background
+        return dataclasses.replace(self, rgb=rgb, background=background)
 
 
 def intersect_box(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +116,7 @@ class VolumeRenderer:
         lit = shading != "albedo"
         normals = None
         if with_normals or lit:
-            normals = field.normals(points.reshape(-1, 3), self.cfg.normal_epsilon).reshape(*t.shape, 3)
+            normals = self._normals(field, points, weights)
         ray_light = None
         if lit:
             ray_light = light_dir.repeat_interleave(rays_per_view, 0)
@@ -126,6 +143,18 @@ class VolumeRenderer:
             orientation=orientation,
             background=bg.reshape(*shape, 3),
         )
+
+    def _normals(self, field: "RadianceField", points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Normals [N,S,3] at the samples that contribute to a pixel, zero elsewhere.
+
+        Finite-difference normals cost six density lookups per sample; most samples lie in
+        empty space where their weight (and so their effect on any pixel) is nil.
+        """
+        normals = torch.zeros_like(points)
+        visible = weights.detach() > self.cfg.normal_min_weight
+        if visible.any():
+            normals[visible] = field.normals(points[visible], self.cfg.normal_epsilon)
+        return normals
 
     def _sample_positions(self, n_rays: int, device, stratified: bool) -> torch.Tensor:
         """Fractions in [0,1) along each ray: bin midpoints, or uniformly jittered within bins."""

@@ -19,14 +19,14 @@ from . import losses
 from .cameras import Cameras, reference_camera, sample_random_cameras
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
-from .renderer import RenderOutput, VolumeRenderer, light_directions_near
+from .renderer import Lighting, RenderOutput, VolumeRenderer, light_directions_near
 
 
 class Guidance(Protocol):
     """What the loop needs from a prior: a surrogate loss whose gradient is the prior's score."""
 
-    def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, *,
-                 step_ratio: float | None = None): ...
+    def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None):
+        """images [B,3,H,W] in [0,1] rendered from `cameras` under `lighting` -> object with a scalar `.loss`."""
 
 
 @dataclass
@@ -152,7 +152,8 @@ class RealFusionSystem:
         light = light_directions_near(cameras, self.generator)
         out = self.renderer.render(self.field, self.background, cameras, shading=shading, light_dir=light,
                                    with_normals=True, stratified=True)
-        guided = self.guidance.sds_loss(out.image(), cameras, step_ratio=self.step / max(cfg.fit.iterations, 1))
+        lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
+        guided = self.guidance.sds_loss(out.image(), cameras, lighting)  # t ~ U(t_range), as the paper
         terms = {"sds": guided.loss, "entropy": losses.opacity_entropy(out.opacity)}
         if out.normal is not None:
             terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out.normal, cfg.loss.normal_blur_kernel)
@@ -162,8 +163,13 @@ class RealFusionSystem:
     # --- looking at the result -------------------------------------------------------------------
 
     @torch.no_grad()
-    def render(self, cameras: Cameras, shading: str = "albedo", use_ema: bool = True) -> RenderOutput:
-        """Render with every level active, using the averaged weights by default, in chunks of views."""
+    def render(self, cameras: Cameras, shading: str = "albedo", use_ema: bool = True,
+               on_white: bool = True) -> RenderOutput:
+        """Render view by view with the averaged weights by default.
+
+        `on_white` composites the object over white instead of the learned background,
+        which only exists to keep the prior from painting the object onto the sky.
+        """
         field, background = self.field, self.background
         if use_ema:
             field = self.ema.shadow[0]
@@ -175,6 +181,8 @@ class RealFusionSystem:
                                  light_dir=None if light is None else light[i:i + 1], with_normals=True)
             for i in range(len(cameras))
         ]
+        if on_white:
+            outputs = [o.over_color(1.0) for o in outputs]
         return RenderOutput(
             rgb=torch.cat([o.rgb for o in outputs]),
             opacity=torch.cat([o.opacity for o in outputs]),

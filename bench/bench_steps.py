@@ -1,0 +1,191 @@
+"""Per-step cost of the two long phases on the GPU, with full-size Stable Diffusion (random weights).
+
+    python bench/bench_steps.py [--arch sd15|sd21-base] [--ti-steps 12] [--fit-steps 30]
+
+Builds SD 1.5 (or 2.1-base) from its published architecture with random weights,
+saves it as a diffusers folder and loads it back through `load_stable_diffusion`
+(the path real weights take), then times with CUDA synchronisation:
+
+* textual inversion: optimizer steps of `train_embedding` at the paper's recipe
+  (batch 1 x grad-accumulation 4, 512 px) and at the `fast` preset's (batch 4 x 1);
+* one field-fit step (`RealFusionSystem.training_step`: reference view + SDS view +
+  regularisers) at the `paper` preset, with the torch hash grid and with tinycudann
+  when it imports;
+
+and peak GPU memory of each. Speed does not depend on the weights' values, so these
+are the real costs. Writes bench/results/steps_<arch>_<gpu>.json (and a copy in $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from engine.cameras import reference_camera  # noqa: E402
+from engine.config import apply_overrides, preset  # noqa: E402
+from engine.fields.hashgrid import tcnn_available  # noqa: E402
+from engine.guidance import (StableDiffusionGuidance, add_placeholder_token, load_stable_diffusion,  # noqa: E402
+                             text_embeddings_for_guidance, train_embedding)
+from engine.renderer import VolumeRenderer  # noqa: E402
+from engine.system import RealFusionSystem, ReferenceView  # noqa: E402
+
+ARCHS = {
+    # UNet2DConditionModel's defaults are SD 1.x's; these are the differences.
+    "sd15": dict(unet=dict(cross_attention_dim=768, attention_head_dim=8),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
+                           hidden_act="quick_gelu")),
+    "sd21-base": dict(unet=dict(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                use_linear_projection=True),
+                      text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                num_hidden_layers=23, projection_dim=1024, hidden_act="gelu")),
+}
+
+
+def build_full_size(folder: Path, arch: str) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_sd import _write_tokenizer
+
+    spec = ARCHS[arch]
+    _write_tokenizer(folder / "tokenizer")  # a small vocabulary: token ids are all the text encoder needs
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                 pad_token_id=1, **spec["text"])).save_pretrained(folder / "text_encoder")
+    UNet2DConditionModel(sample_size=64, **spec["unet"]).save_pretrained(folder / "unet")
+    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  sample_size=512).save_pretrained(folder / "vae")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def timed_steps(step, n: int, warmup: int) -> list[float]:
+    """Milliseconds of each of `n` calls of `step()` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "n": len(times)}
+
+
+def bench_textual_inversion(sd, recipe: str, steps: int) -> dict:
+    cfg = preset(recipe).textual_inversion
+    cfg.steps = steps
+    image = torch.ones(3, 512, 512)
+    image[:, 128:384, 160:352] = torch.tensor([0.8, 0.2, 0.2])[:, None, None]
+    stamps = []
+    torch.cuda.reset_peak_memory_stats()
+    train_embedding(sd, image, cfg, torch.Generator().manual_seed(0),
+                    progress=lambda step, loss: stamps.append(time.perf_counter()))  # .item() syncs each step
+    per_step = [(b - a) * 1000 for a, b in zip(stamps[2:], stamps[3:])]  # first steps warm up
+    return {"recipe": recipe, "batch_size": cfg.batch_size, "grad_accumulation": cfg.grad_accumulation,
+            "resolution": cfg.resolution, "steps_in_preset": preset(recipe).textual_inversion.steps,
+            **summary(per_step), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper") -> dict:
+    cfg = apply_overrides(preset(preset_name), [f"field.backend={backend}"])
+    device = sd.device
+    token_id = add_placeholder_token(sd, "<e>", "object")
+    guidance = StableDiffusionGuidance(sd, text_embeddings_for_guidance(sd, "an image of a <e>", None, token_id),
+                                       cfg.prior)
+    reference = _sphere_reference(cfg, device)
+    system = RealFusionSystem(cfg, reference, guidance, device)
+    torch.cuda.reset_peak_memory_stats()
+    results = {}
+    for phase, step_index in (("coarse_albedo", 0), ("fine_shaded", int(0.7 * cfg.fit.iterations))):
+        system.step = step_index  # the schedule is a function of the step: measure both regimes
+        times = timed_steps(lambda: _step_at(system, step_index), steps, warmup=3)
+        results[phase] = summary(times)
+    iterations = cfg.fit.iterations
+    coarse = results["coarse_albedo"]["median_ms"]
+    fine = results["fine_shaded"]["median_ms"]
+    estimate_s = (0.6 * coarse + 0.4 * fine) * iterations / 1000
+    return {"preset": preset_name, "backend": backend, "iterations": iterations,
+            "ref_resolution": cfg.render.ref_resolution, "random_resolution": cfg.render.random_resolution,
+            "num_samples": cfg.render.num_samples, **results, "fit_estimate_s": round(estimate_s, 1),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _step_at(system, step_index):
+    system.step = step_index
+    system.training_step()
+
+
+def _sphere_reference(cfg, device) -> ReferenceView:
+    from analytic_fields import SphereField
+
+    camera = reference_camera(cfg.camera, cfg.render.ref_resolution)
+    truth = VolumeRenderer(cfg.render, cfg.field.bound).render(SphereField(0.35), None, camera, with_normals=False)
+    return ReferenceView(truth.rgb[0].to(device), truth.opacity[0].to(device))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
+    parser.add_argument("--ti-steps", type=int, default=12)
+    parser.add_argument("--fit-steps", type=int, default=30)
+    parser.add_argument("--presets", default="paper,standard,fast")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_steps: no CUDA GPU here; nothing measured (this benchmark is GPU-only).")
+        return 0
+
+    import diffusers
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        folder = build_full_size(Path(tmp) / args.arch, args.arch)
+        sd = load_stable_diffusion(str(folder), "cuda", "auto")
+        load_s = time.perf_counter() - start
+        report = {
+            "benchmark": "bench_steps", "arch": args.arch, "weights": "random (architecture from config)",
+            "device": torch.cuda.get_device_name(), "dtype": str(sd.dtype),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "tinycudann": tcnn_available()},
+            "build_and_load_s": round(load_s, 1),
+            "textual_inversion": [bench_textual_inversion(sd, name, args.ti_steps) for name in ("paper", "fast")],
+            "fit": [],
+        }
+        backends = ["torch"] + (["tcnn"] if tcnn_available() else [])
+        for backend in backends:
+            for name in args.presets.split(","):
+                report["fit"].append(bench_fit(sd, backend, args.fit_steps, name))
+                print(json.dumps(report["fit"][-1]), flush=True)
+    gpu = torch.cuda.get_device_name().replace(" ", "-").lower()
+    text = json.dumps(report, indent=2)
+    out = ROOT / "bench" / "results" / f"steps_{args.arch}_{gpu}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

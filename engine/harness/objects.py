@@ -1,0 +1,117 @@
+"""Synthetic objects with known geometry and texture, framed as the pipeline frames a photo.
+
+Each object is a procedural trimesh with vertex colors, scaled and shifted so that, seen
+from the reference camera, it sits centered at `object_fraction` of the frame: the same
+framing that matting gives a real photo, so the photo of it passes through matting
+unchanged and the ground truth stays valid in the reconstruction's frame.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import trimesh
+
+from ..cameras import reference_camera
+from ..config import CameraConfig
+from .raycast import ColoredMesh, render_ground_truth
+
+
+def _paint(mesh: trimesh.Trimesh, color_of: Callable[[np.ndarray], np.ndarray]) -> trimesh.Trimesh:
+    """Vertex colors from a function of position [N,3] -> RGB [N,3] in [0,1]."""
+    rgb = np.clip(color_of(np.asarray(mesh.vertices)), 0.0, 1.0)
+    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.c_[(rgb * 255).round(), np.full(len(rgb), 255)]
+                                              .astype(np.uint8))
+    return mesh
+
+
+def _solid(rgb) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda points: np.tile(np.asarray(rgb, float), (len(points), 1))
+
+
+def textured_box() -> trimesh.Trimesh:
+    """A box whose six sides have six colors, so every view shows which way it faces."""
+    box = trimesh.creation.box(extents=(0.9, 0.6, 0.5)).subdivide().subdivide()
+    box.unmerge_vertices()  # corners shared by two sides get one color per side
+    side_colors = np.array([(0.9, 0.2, 0.2), (0.2, 0.7, 0.3), (0.2, 0.3, 0.9),
+                            (0.95, 0.8, 0.2), (0.8, 0.3, 0.8), (0.2, 0.8, 0.85)])
+    normals = np.repeat(box.face_normals, 3, axis=0)  # unmerged: vertex 3f+k belongs to face f
+    side = np.argmax(np.abs(normals), axis=1) * 2 + (normals[np.arange(len(normals)), np.argmax(np.abs(normals), 1)] > 0)
+    order = np.argsort(box.faces.reshape(-1))
+    rgb = np.empty((len(box.vertices), 3))
+    rgb[box.faces.reshape(-1)[order]] = side_colors[side[order]]
+    return _paint(box, lambda _points: rgb)
+
+
+def mug() -> trimesh.Trimesh:
+    """A mug-like solid of revolution (blue base, white band, red top) with a yellow handle on +X."""
+    profile = np.array([(0.0, -0.45), (0.3, -0.45), (0.34, -0.4), (0.36, 0.35), (0.33, 0.42), (0.0, 0.42)])
+    body = trimesh.creation.revolve(profile, sections=48)
+    body = _paint(body, lambda p: np.where((p[:, 2] > 0.1)[:, None], (0.85, 0.25, 0.2),
+                                           np.where((p[:, 2] > -0.05)[:, None], (0.95, 0.95, 0.9), (0.2, 0.35, 0.8))))
+    handle = trimesh.creation.torus(major_radius=0.2, minor_radius=0.05, major_sections=32, minor_sections=12)
+    handle.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (1, 0, 0)))
+    handle.apply_translation((0.36, 0.0, 0.0))
+    handle = _paint(handle, _solid((0.95, 0.8, 0.2)))
+    return trimesh.util.concatenate([body, handle])
+
+
+def figure() -> trimesh.Trimesh:
+    """An asymmetric figure: orange front with a red nose toward -Y, green back with a purple pack on +Y."""
+    body = trimesh.creation.icosphere(subdivisions=3, radius=1.0)
+    body.apply_scale((0.32, 0.26, 0.32))
+    body = _paint(body, lambda p: np.where((p[:, 1] < 0)[:, None], (0.95, 0.55, 0.15), (0.2, 0.65, 0.3)))
+    head = trimesh.creation.icosphere(subdivisions=3, radius=0.18)
+    head.apply_translation((0.05, -0.02, 0.42))
+    head = _paint(head, lambda p: np.where((p[:, 1] < -0.02)[:, None], (0.95, 0.85, 0.7), (0.35, 0.2, 0.1)))
+    nose = trimesh.creation.cone(radius=0.06, height=0.2, sections=16)
+    nose.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (1, 0, 0)))  # point toward -Y
+    nose.apply_translation((0.05, -0.17, 0.42))
+    nose = _paint(nose, _solid((0.9, 0.1, 0.1)))
+    pack = trimesh.creation.box(extents=(0.3, 0.15, 0.35)).subdivide()
+    pack.apply_translation((0.0, 0.28, 0.02))
+    pack = _paint(pack, _solid((0.55, 0.25, 0.75)))
+    return trimesh.util.concatenate([body, head, nose, pack])
+
+
+OBJECTS: dict[str, Callable[[], trimesh.Trimesh]] = {"box": textured_box, "mug": mug, "figure": figure}
+
+
+def frame_for_reference(mesh: trimesh.Trimesh, camera_cfg: CameraConfig, object_fraction: float = 0.8,
+                        resolution: int = 128, iterations: int = 4) -> trimesh.Trimesh:
+    """Scale and shift `mesh` so its reference-view silhouette is centered and `object_fraction` of the frame."""
+    mesh = mesh.copy()
+    camera = reference_camera(camera_cfg, resolution)
+    c2w = camera.c2w[0].numpy()
+    right, up = c2w[:3, 0], c2w[:3, 1]
+    distance = np.linalg.norm(c2w[:3, 3])
+    focal = float(camera.focal_px()[0])
+    for _ in range(iterations):
+        mask = render_ground_truth(ColoredMesh.from_trimesh(mesh), camera, supersample=1).mask[0].numpy() > 0.5
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        x0, x1, y0, y1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
+        scale = object_fraction * resolution / max(x1 - x0, y1 - y0)
+        du, dv = (x0 + x1) / 2 - resolution / 2, (y0 + y1) / 2 - resolution / 2
+        shift = (-du * right + dv * up) * distance / focal
+        center = mesh.bounding_box.centroid
+        mesh.vertices = (mesh.vertices - center) * scale + center + shift
+    return mesh
+
+
+def make_object(name: str, camera_cfg: CameraConfig | None = None, object_fraction: float = 0.8) -> trimesh.Trimesh:
+    if name not in OBJECTS:
+        raise KeyError(f"unknown object {name!r}; choose one of {', '.join(OBJECTS)}")
+    return frame_for_reference(OBJECTS[name](), camera_cfg or CameraConfig(), object_fraction)
+
+
+def surface_points(mesh: trimesh.Trimesh, count: int = 20000, seed: int = 0) -> np.ndarray:
+    """Ground-truth point cloud: `count` points uniformly on the surface."""
+    points, _ = trimesh.sample.sample_surface(mesh, count, seed=seed)
+    return np.asarray(points, dtype=np.float32)
+
+
+def as_torch_mesh(mesh: trimesh.Trimesh, device="cpu") -> ColoredMesh:
+    colored = ColoredMesh.from_trimesh(mesh)
+    return ColoredMesh(colored.corners.to(device), colored.colors.to(device))
+

@@ -1,0 +1,463 @@
+"""The job queue behind `realfusion serve`: one worker thread, one job at a time, every job a folder.
+
+A job is JOBS_DIR/<id>/: the upload (input.png or input.jpg), `job.json` (the server's
+record: its settings and last state) and whatever `engine.pipeline.reconstruct` writes
+there (status.json, reference.png, preview.png, turntable.png, field.pt, checkpoints/...).
+Nothing here knows about HTTP, so the queue can be driven and tested directly.
+
+Jobs run in submission order on one worker thread (one GPU). Cancelling sets a flag that
+the pipeline's progress callback checks, so a running fit stops at its next step with its
+checkpoint kept. A server that stops (or dies) leaves unfinished jobs "interrupted"; they
+are listed again on the next start and `resume` queues them to go on from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..config import PriorConfig, build_config
+from ..errors import EngineError
+from ..outputs import OutputDir, atomic_write_bytes, atomic_write_json
+
+log = logging.getLogger("realfusion.server")
+
+JOB_FILE = "job.json"
+
+# Share of the whole job each stage stands for, in the order they run; "progress" is the
+# weights of the finished stages plus the running stage's weight times its step/total.
+STAGE_WEIGHTS: tuple[tuple[str, float], ...] = (
+    ("matting", 0.02),
+    ("prior", 0.03),
+    ("textual_inversion", 0.35),
+    ("fit", 0.55),
+    ("turntable", 0.05),  # turntable pictures and the export (mesh.glb, camera.json) together
+)
+STAGE_ALIASES = {"export": "turntable", "mesh": "turntable"}
+STAGE_LABELS = {
+    "matting": "Cutting out the object",
+    "prior": "Loading the diffusion model",
+    "textual_inversion": "Learning the object's token",
+    "fit": "Fitting the 3D field",
+    "turntable": "Rendering the turntable",
+    "export": "Exporting the mesh",
+    "mesh": "Exporting the mesh",
+    "done": "Done",
+}
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED, INTERRUPTED = (
+    "queued", "running", "done", "failed", "cancelled", "interrupted")
+FINISHED = (DONE, FAILED, CANCELLED, INTERRUPTED)  # nothing more will happen without a resume
+RESUMABLE = (FAILED, CANCELLED, INTERRUPTED)
+
+# The results a client may want, as listed in a job's "files" (other files in the folder can be fetched too).
+RESULT_FILES = ("reference.png", "preview.png", "turntable.png", "mesh.glb", "camera.json", "export.json",
+                "field.pt")
+IMAGE_EXTENSIONS = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpg"}
+
+
+def overall_progress(stage: str, step: int = 0, total: int = 0) -> float | None:
+    """0..1 for the whole job from the running stage and its step; None for a stage not in STAGE_WEIGHTS."""
+    if stage == "done":
+        return 1.0
+    stage = STAGE_ALIASES.get(stage, stage)
+    finished = 0.0
+    for name, weight in STAGE_WEIGHTS:
+        if name == stage:
+            fraction = min(step / total, 1.0) if total else 0.0
+            return round(finished + weight * fraction, 4)
+        finished += weight
+    return None
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop a running job at its next step."""
+
+
+class UnknownJob(EngineError):
+    def __init__(self, job_id: str):
+        super().__init__(f"There is no job {job_id!r} on this server.", "List the jobs with GET /jobs.")
+
+
+class JobStateConflict(EngineError):
+    """The job is not in a state that allows what was asked (e.g. resuming a finished job)."""
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None  # default Stable Diffusion hub id or folder; None: the preset's
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cache_dir: Path | None = None  # learned embeddings; None: engine.pipeline.default_cache_dir()
+    host: str = "127.0.0.1"
+
+    @property
+    def default_model(self) -> str:
+        return self.model or PriorConfig().model
+
+
+@dataclass
+class JobSettings:
+    """What the client asked for; saved in job.json so a resume runs the same job."""
+
+    filename: str = "input.png"
+    preset: str = "standard"
+    method: str = "realfusion"
+    seed: int = 0
+    model: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    input: str = "input.png"  # the upload's name inside the job folder
+
+
+@dataclass
+class Job:
+    id: str
+    settings: JobSettings
+    state: str = QUEUED
+    stage: str = ""
+    step: int = 0
+    total: int = 0
+    progress: float = 0.0
+    message: str = ""
+    error: dict | None = None  # {"problem", "fix"}
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    metrics: dict = field(default_factory=dict)  # the last fit step's losses
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, data: dict) -> "Job":
+        data = dict(data)
+        settings = JobSettings(**data.pop("settings"))
+        known = set(cls.__dataclass_fields__)
+        return cls(settings=settings, **{k: v for k, v in data.items() if k in known})
+
+
+def default_jobs_dir() -> Path:
+    root = os.environ.get("REALFUSION_JOBS") or os.path.join(
+        os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "realfusion", "jobs")
+    return Path(root)
+
+
+Report = Callable[[object], None]  # takes engine.pipeline.Progress
+
+
+class Reconstructor:
+    """What a job runs: `engine.pipeline.reconstruct` with the server's model, device and cache.
+
+    `prior_factory(settings)` returns the `prior` handed to reconstruct; the default is the
+    real Stable Diffusion prior (tests inject a small one).
+    """
+
+    def __init__(self, settings: ServerSettings, prior_factory: Callable | None = None):
+        self.settings = settings
+        self.prior_factory = prior_factory or _stable_diffusion_prior_factory
+
+    def config(self, job: JobSettings):
+        return build_config(job.preset, job.overrides, seed=job.seed, method=job.method, model=job.model)
+
+    def check(self, job: JobSettings, folder: Path) -> None:
+        """Raise an EngineError now for what would make the job fail at once: bad settings, unreadable image."""
+        from ..matting import load_image
+
+        load_image(folder / job.input, self.config(job).matting)
+
+    def __call__(self, job: JobSettings, folder: Path, report: Report) -> None:
+        import torch
+
+        from ..pipeline import reconstruct
+
+        try:
+            reconstruct(folder / job.input, folder, self.config(job), device=self.settings.device,
+                        prior=self.prior_factory(self.settings), report=report, resume=True)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # give the model's memory back between jobs (Blender shares the GPU)
+
+
+def _stable_diffusion_prior_factory(settings: ServerSettings):
+    from ..pipeline import stable_diffusion_prior
+
+    return stable_diffusion_prior(cache_dir=settings.cache_dir)
+
+
+class JobStore:
+    """Every job of one jobs folder: the FIFO queue, the worker thread and the records on disk."""
+
+    def __init__(self, jobs_dir: Path, runner: Callable[[JobSettings, Path, Report], None], *,
+                 default_model: str | None = None):
+        self.jobs_dir = Path(jobs_dir)
+        OutputDir(self.jobs_dir)  # created and checked writable, with the engine's clear error if not
+        self.runner = runner
+        self.default_model = default_model
+        self._lock = threading.Condition()
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[str] = deque()
+        self._running: Job | None = None
+        self._cancel = threading.Event()
+        self._stop_state = CANCELLED  # what a stopped running job becomes: cancelled, or interrupted at shutdown
+        self._stopping = False
+        self._versions: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self._load()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="realfusion-jobs", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker; a running job stops at its next step and is left "interrupted"."""
+        with self._lock:
+            self._stopping = True
+            if self._running is not None:
+                self._stop_state = INTERRUPTED
+                self._cancel.set()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ------------------------------------------------------------------ the API's verbs
+
+    def submit(self, image: bytes, settings: JobSettings) -> dict:
+        """Save the upload as <id>/input.<ext>, let the runner check it (and the settings), queue the job.
+
+        Returns the job's record as queued (the worker may have started it by the time the caller looks)."""
+        job_id = self._new_id()
+        folder = self.jobs_dir / job_id
+        settings.input = f"input.{_image_extension(image, settings.filename)}"
+        settings.model = settings.model or self.default_model
+        atomic_write_bytes(folder / settings.input, image)
+        check = getattr(self.runner, "check", None)
+        try:
+            if check is not None:
+                check(settings, folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = Job(job_id, settings, message="Waiting for its turn")
+        with self._lock:
+            self._jobs[job_id] = job
+            self._enqueue(job)
+            record = job.to_record()
+        log.info("job %s queued (%s, preset %s)", job_id, settings.filename, settings.preset)
+        return record
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise UnknownJob(job_id)
+        return job
+
+    def jobs(self) -> list[Job]:
+        """Newest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
+
+    def snapshot(self, job_id: str) -> tuple[dict, int]:
+        """The job as plain data and its version (bumped on every change), read consistently."""
+        with self._lock:
+            job = self.get(job_id)
+            return job.to_record(), self._versions.get(job_id, 0)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """0 for the next job to run; None when the job is not waiting."""
+        with self._lock:
+            try:
+                return self._queue.index(job_id)
+            except ValueError:
+                return None
+
+    def queued_count(self) -> int:
+        return len(self._queue)
+
+    def running_id(self) -> str | None:
+        running = self._running
+        return running.id if running else None
+
+    def cancel(self, job_id: str) -> Job:
+        """A queued job leaves the queue; a running one stops at its next step. Finished jobs are left as they are."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state == QUEUED:
+                self._queue.remove(job_id)
+                self._finish(job, CANCELLED, "Cancelled before it started")
+                self._write_folder_status(job)
+            elif job.state == RUNNING and self._running is job:
+                self._stop_state = CANCELLED
+                self._cancel.set()
+                self._touch(job, message="Cancelling at the next step")
+        return job
+
+    def resume(self, job_id: str) -> Job:
+        """Queue an interrupted, failed or cancelled job again; it goes on from its last checkpoint."""
+        with self._lock:
+            job = self.get(job_id)
+            if job.state not in RESUMABLE:
+                raise JobStateConflict(f"Job {job_id} is {job.state}; only {', '.join(RESUMABLE)} jobs can be resumed.",
+                                       "Wait for it to finish, or submit a new job with POST /jobs.")
+            job.error = None
+            self._enqueue(job, "Queued again; it goes on from its last checkpoint")
+        log.info("job %s resumed", job_id)
+        return job
+
+    def file(self, job_id: str, name: str) -> Path | None:
+        """The file `name` inside the job's folder, or None: nothing outside the folder, nothing missing."""
+        folder = (self.jobs_dir / self.get(job_id).id).resolve()
+        if not name or "\x00" in name:
+            return None
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder) or path == folder or not path.is_file():
+            return None
+        return path
+
+    def present_files(self, job_id: str) -> list[str]:
+        job = self.get(job_id)
+        folder = self.jobs_dir / job.id
+        return [name for name in (job.settings.input, *RESULT_FILES) if (folder / name).is_file()]
+
+    # ------------------------------------------------------------------ the worker
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                job = self._jobs[self._queue.popleft()]
+                self._running = job
+                self._cancel.clear()
+                self._stop_state = CANCELLED
+                job.stage, job.step, job.total, job.progress = "", 0, 0, 0.0
+                self._touch(job, state=RUNNING, message="Starting")
+                self._persist(job)
+            log.info("job %s started", job.id)
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        def report(progress) -> None:
+            if self._cancel.is_set():
+                raise JobCancelled()
+            self._on_progress(job, progress)
+
+        state, message, error = DONE, "Done", None
+        try:
+            self.runner(job.settings, self.jobs_dir / job.id, report)
+        except JobCancelled:
+            state = self._stop_state
+            message = ("Cancelled; its last checkpoint is kept" if state == CANCELLED
+                       else "Stopped with the server; resume it to go on from its last checkpoint")
+        except EngineError as exc:
+            state, message, error = FAILED, str(exc), {"problem": exc.problem, "fix": exc.fix}
+        except Exception as exc:  # a bug: keep the traceback in the log, tell the client what happened
+            log.exception("job %s: internal error", job.id)
+            problem = f"Internal error: {type(exc).__name__}: {exc}"
+            state, message, error = FAILED, problem, {
+                "problem": problem, "fix": "This is a bug in the engine; the server log has the traceback. "
+                                           "Resume the job to try again."}
+        with self._lock:
+            self._running = None
+            self._finish(job, state, message, error)
+            if state in (CANCELLED, INTERRUPTED):
+                self._write_folder_status(job)  # the pipeline wrote "failed"; say what really happened
+        log.info("job %s %s%s", job.id, state, f": {message}" if state == FAILED else "")
+
+    def _on_progress(self, job: Job, progress) -> None:
+        with self._lock:
+            new_stage = progress.stage != job.stage
+            job.stage, job.step, job.total = progress.stage, progress.step, progress.total
+            overall = overall_progress(progress.stage, progress.step, progress.total)
+            if overall is not None:
+                job.progress = overall
+            if progress.stage == "fit" and progress.metrics:
+                job.metrics = {k: float(v) for k, v in progress.metrics.items()}
+            label = STAGE_LABELS.get(progress.stage, progress.stage)
+            self._touch(job, message=f"{label} ({progress.step}/{progress.total})" if progress.total else label)
+            if new_stage:
+                self._persist(job)
+
+    # ------------------------------------------------------------------ bookkeeping (callers hold the lock)
+
+    def _enqueue(self, job: Job, message: str = "Waiting for its turn") -> None:
+        self._queue.append(job.id)
+        self._touch(job, state=QUEUED, message=message)
+        self._persist(job)
+        self._lock.notify_all()
+
+    def _finish(self, job: Job, state: str, message: str, error: dict | None = None) -> None:
+        if state == DONE:
+            job.progress = 1.0
+        job.error = error
+        self._touch(job, state=state, message=message)
+        self._persist(job)
+
+    def _touch(self, job: Job, **changes) -> None:
+        for key, value in changes.items():
+            setattr(job, key, value)
+        job.updated = time.time()
+        self._versions[job.id] = self._versions.get(job.id, 0) + 1
+        self._lock.notify_all()
+
+    def _persist(self, job: Job) -> None:
+        atomic_write_json(self.jobs_dir / job.id / JOB_FILE, job.to_record())
+
+    def _write_folder_status(self, job: Job) -> None:
+        OutputDir(self.jobs_dir / job.id).set_status(job.state, job.stage, job.message)
+
+    def _new_id(self) -> str:
+        while True:
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+            if job_id not in self._jobs and not (self.jobs_dir / job_id).exists():
+                return job_id
+
+    def _load(self) -> None:
+        with self._lock:
+            self._load_folders()
+
+    def _load_folders(self) -> None:
+        """List the jobs already in the folder; those that were queued or running when the server stopped are
+        interrupted, unless the pipeline's status.json says it finished."""
+        for folder in sorted(p for p in self.jobs_dir.iterdir() if (p / JOB_FILE).is_file()):
+            try:
+                job = Job.from_record(json.loads((folder / JOB_FILE).read_text()))
+            except (OSError, TypeError, ValueError, KeyError) as exc:
+                log.warning("skipping %s: unreadable %s (%s)", folder, JOB_FILE, exc)
+                continue
+            if job.id != folder.name:
+                job.id = folder.name
+            if job.state in (QUEUED, RUNNING):
+                status = OutputDir(folder).read_status() or {}
+                if status.get("state") == DONE:
+                    self._finish(job, DONE, "Done")
+                else:
+                    self._finish(job, INTERRUPTED, "The server stopped before this job finished; "
+                                                   "resume it to go on from its last checkpoint")
+                    self._write_folder_status(job)  # the folder's status.json still says "running"
+            self._jobs[job.id] = job
+
+
+def _image_extension(data: bytes, filename: str) -> str:
+    for magic, ext in IMAGE_EXTENSIONS.items():
+        if data.startswith(magic):
+            return ext
+    suffix = Path(filename).suffix.lstrip(".").lower()
+    return suffix if suffix.isalnum() and len(suffix) <= 5 else "img"

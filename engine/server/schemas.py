@@ -1,0 +1,77 @@
+"""Requests and responses of the job server's API v1 (the Blender add-on's side of the contract).
+
+Fields may be added over time; none is removed or renamed within v1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, Field
+
+from ..config import PRESETS
+
+PresetName = Literal[tuple(PRESETS)]  # "fast" | "standard" | "paper"
+JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
+
+
+class ErrorInfo(BaseModel):
+    problem: str
+    fix: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class JobRequest(BaseModel):
+    image_png_base64: str = Field(description="the photo's bytes (PNG or JPEG), base64")
+    filename: str = Field("input.png", description="the photo's file name, for display")
+    preset: PresetName = "standard"
+    method: Literal["realfusion"] = "realfusion"
+    seed: int = 0
+    model: Optional[str] = Field(None, description="Stable Diffusion hub id or folder; null: the server's")
+    overrides: list[str] = Field(default_factory=list, description='config overrides, e.g. "fit.iterations=500"')
+
+
+class JobSettingsOut(BaseModel):
+    filename: str
+    preset: str
+    method: str
+    seed: int
+    model: Optional[str]
+    overrides: list[str]
+
+
+class JobOut(BaseModel):
+    id: str
+    state: JobState
+    stage: str
+    step: int
+    total: int
+    progress: float = Field(description="0..1 over the whole job, stages weighted by their usual share of time")
+    message: str
+    error: Optional[ErrorInfo]
+    created: float = Field(description="seconds since the epoch")
+    updated: float
+    preview: Optional[str] = Field(description="URL path of preview.png, null until the first one is written")
+    files: dict[str, str] = Field(description="result file name -> URL path, for the files present")
+    metrics: dict[str, float] = Field(description="losses of the last fit step")
+    queue_position: Optional[int] = Field(None, description="0 for the next job to run; null unless queued")
+    settings: JobSettingsOut
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class Health(BaseModel):
+    ok: bool
+    version: str
+    device: Literal["cuda", "cpu"]
+    gpu: Optional[str]
+    methods: list[str]
+    presets: list[str]
+    model: str
+    queue: int = Field(description="jobs waiting to start")
+    running: Optional[str] = Field(None, description="id of the running job")

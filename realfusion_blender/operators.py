@@ -1,0 +1,644 @@
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""Operators, and the per-tick logic of the Reconstruct operator.
+
+The Reconstruct operator is modal on a timer: a `JobWorker` thread does the HTTP, and on
+every TIMER event `poll_job_once` applies what it learned to the scene (main thread), and
+imports the result when the job is done. Background `bpy` never fires timers or modal
+events, so tests call `start_job` and `poll_job_once` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import uuid
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+
+from . import engine_process, importer, preferences
+from .client import EngineError
+from .jobs import ACTIVE_STATES, WORKERS, JobWorker
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+# ---------------------------------------------------------------------------------------- the photo
+
+class Photo:
+    """The bytes sent to the engine, and where they came from (for names and the camera background)."""
+
+    def __init__(self, data: bytes, filename: str, name: str, image=None, path: str = ""):
+        self.data, self.filename, self.name, self.image, self.path = data, filename, name, image, path
+
+
+def _unreadable(what: str) -> EngineError:
+    return EngineError(f"Blender could not read the image {what}.",
+                       "Pick a PNG or JPEG photo that opens in Blender's Image Editor.", kind="input")
+
+
+def _stem(name: str) -> str:
+    stem = os.path.splitext(os.path.basename(name))[0] or name
+    return stem.strip() or "Photo"
+
+
+def image_to_png(image) -> bytes:
+    """The image's pixels as PNG bytes (for generated, packed non-PNG, or EXR/TIFF/... images)."""
+    fd, tmp = tempfile.mkstemp(prefix="realfusion-", suffix=".png")
+    os.close(fd)
+    previous = image.file_format
+    try:
+        image.file_format = 'PNG'
+        image.save(filepath=tmp, save_copy=True)
+        with open(tmp, "rb") as f:
+            data = f.read()
+    except (RuntimeError, OSError) as exc:
+        raise _unreadable(f"{image.name!r} ({exc})") from exc
+    finally:
+        image.file_format = previous
+        os.unlink(tmp)
+    if not data.startswith(PNG_MAGIC):
+        raise _unreadable(repr(image.name))
+    return data
+
+
+def photo_from_image(image) -> Photo:
+    name = _stem(image.name)
+    path = bpy.path.abspath(image.filepath) if image.filepath else ""
+    data = b""
+    if image.packed_file is not None:
+        data = bytes(image.packed_file.data)
+    elif image.source == 'FILE' and path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            data = f.read()
+    elif image.source == 'FILE':
+        raise _unreadable(f"{image.name!r}: its file {path or '(none)'} is missing")
+    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        if image.size[0] == 0 or image.size[1] == 0:
+            raise _unreadable(repr(image.name))
+        data = image_to_png(image)
+    filename = os.path.basename(path) if path else f"{name}.png"
+    return Photo(data, filename, name, image=image, path=path)
+
+
+def photo_from_file(filepath: str) -> Photo:
+    path = bpy.path.abspath(filepath)
+    if not filepath or not os.path.isfile(path):
+        raise EngineError(f"The photo {path or '(none)'} does not exist.",
+                          "Pick a photo file in the RealFusion panel, or switch Source to Image.", kind="input")
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        try:
+            image = bpy.data.images.load(path, check_existing=False)
+        except RuntimeError as exc:
+            raise _unreadable(f"{path} ({exc})") from exc
+        try:
+            if image.size[0] == 0 or image.size[1] == 0:
+                raise _unreadable(path)
+            data = image_to_png(image)
+        finally:
+            bpy.data.images.remove(image)
+    return Photo(data, os.path.basename(path), _stem(path), path=path)
+
+
+def photo_for(settings, image_name: str = "") -> Photo:
+    if image_name:
+        image = bpy.data.images.get(image_name)
+        if image is None:
+            raise EngineError(f"There is no image {image_name!r} in this file.", "Pick another image.", kind="input")
+        return photo_from_image(image)
+    if settings.source == 'FILE':
+        return photo_from_file(settings.filepath)
+    if settings.image is None:
+        raise EngineError("No photo is selected.",
+                          "Pick an image in the RealFusion panel (or open one in the Image Editor).", kind="input")
+    return photo_from_image(settings.image)
+
+
+# ---------------------------------------------------------------------------------------- starting jobs
+
+def output_root(context) -> str:
+    prefs = preferences.get(context)
+    folder = prefs.output_dir if prefs is not None else "//realfusion"
+    if folder.startswith("//") and not bpy.data.filepath:  # unsaved file: no folder to be next to
+        return os.path.join(tempfile.gettempdir(), folder[2:].strip("/\\") or "realfusion")
+    return bpy.path.abspath(folder or "//realfusion")
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "photo"
+
+
+def advanced_overrides(settings) -> list[str]:
+    """Engine config overrides (`section.key=value`) for the advanced options the user changed."""
+    overrides = []
+    if settings.steps:
+        overrides.append(f"fit.iterations={settings.steps}")
+    if settings.mesh_resolution:
+        overrides.append(f"export.resolution={settings.mesh_resolution}")
+    if settings.texture_size:
+        overrides.append(f"export.texture_size={settings.texture_size}")
+    return overrides
+
+
+def _poll_interval(context) -> float:
+    prefs = preferences.get(context)
+    return (prefs.poll_interval if prefs is not None else 500) / 1000.0
+
+
+def start_job(context, image_name: str = "", extra_overrides: list[str] | None = None) -> str:
+    """Read the photo, add a job to the scene's list and start its worker. Returns the job's key.
+
+    Raises EngineError (kind "input") for a photo that cannot be read; the scene is then unchanged.
+    """
+    scene = context.scene
+    settings = scene.realfusion
+    prefs = preferences.get(context)
+    photo = photo_for(settings, image_name)
+    preset = settings.preset if settings.preset != "DEFAULT" else (prefs.default_preset if prefs else "standard")
+    key = uuid.uuid4().hex[:12]
+    folder = os.path.join(output_root(context), f"{safe_name(photo.name)}-{key}")
+
+    job = settings.jobs.add()
+    job.key, job.name, job.state, job.preset, job.seed = key, photo.name, "submitting", preset, settings.seed
+    job.image_name = photo.image.name if photo.image is not None else ""
+    job.image_path = photo.path
+    job.folder = folder
+    job.message = "Sending the photo to the engine"
+    settings.active_job = len(settings.jobs) - 1
+    settings.set_error()
+
+    submission = {"image_png": photo.data, "filename": photo.filename, "preset": preset,
+                  "method": settings.method, "seed": settings.seed,
+                  "model": (prefs.model if prefs is not None else "") or None,
+                  "overrides": advanced_overrides(settings) + list(extra_overrides or [])}
+    worker = JobWorker(preferences.make_client(context), key, folder, submission=submission,
+                       poll_interval=_poll_interval(context))
+    WORKERS[key] = worker
+    worker.start()
+    return key
+
+
+def follow_job(context, key: str, resume: bool = False) -> JobWorker:
+    """Start following a job that is already on the engine (after reopening the file, or after an error);
+    resume: ask the engine to go on with an interrupted, failed or cancelled job first."""
+    found = find_job(key)
+    if found is None or not found[1].job_id:
+        raise EngineError("That job never reached the engine.", "Press Reconstruct to submit it again.",
+                          kind="input")
+    job = found[1]
+    worker = WORKERS.get(key)
+    if worker is not None and worker.is_alive():
+        return worker
+    job.error_problem = job.error_fix = job.error_kind = ""
+    job.state, job.message = "checking", "Asking the engine"
+    worker = JobWorker(preferences.make_client(context), key, bpy.path.abspath(job.folder), job_id=job.job_id,
+                       resume=resume, poll_interval=_poll_interval(context))
+    WORKERS[key] = worker
+    worker.start()
+    return worker
+
+
+def find_job(key: str):
+    """(scene, job) for a job key, in whichever scene holds it."""
+    for scene in bpy.data.scenes:
+        job = scene.realfusion.job(key)
+        if job is not None:
+            return scene, job
+    return None
+
+
+# ---------------------------------------------------------------------------------------- per tick
+
+PREVIEW_PREFIX = "RealFusion Preview "
+
+
+def _load_preview(job, path: str) -> None:
+    image = job.preview
+    if image is None:
+        image = bpy.data.images.load(path, check_existing=False)
+        image.name = PREVIEW_PREFIX + job.name
+        job.preview = image
+    else:
+        image.filepath = path
+        image.reload()
+    try:
+        image.preview_ensure()
+        image.preview.reload()
+    except (AttributeError, RuntimeError):  # no previews in background mode
+        pass
+
+
+def apply_update(scene, update):
+    """Write one Update from the worker into the scene's job list (main thread). Returns the job, or None."""
+    settings = scene.realfusion
+    job = settings.job(update.key)
+    if job is None:
+        return None
+    if update.submit_failed:  # the job never reached the engine: the error goes to the panel, the entry away
+        error = update.error or {}
+        settings.set_error(error.get("problem", ""), error.get("fix", ""), error.get("kind", ""))
+        remove_job(settings, update.key)
+        return None
+    if update.job_id:
+        job.job_id = update.job_id
+    if update.state:
+        job.state = update.state
+    if update.stage or update.state in ("queued", "done"):
+        job.stage = update.stage
+    job.step, job.total = update.step, update.total
+    if update.message:
+        job.message = update.message
+    if update.progress is not None:
+        job.progress = min(max(update.progress, 0.0), 1.0)
+    if update.state == "done":
+        job.progress = 1.0
+    if update.eta is not None:
+        job.eta = update.eta
+    elif update.state != "running":
+        job.eta = -1.0
+    job.queue_position = -1 if update.queue_position is None else int(update.queue_position)
+    if update.error:
+        job.error_problem = update.error.get("problem", "")
+        job.error_fix = update.error.get("fix", "")
+        job.error_kind = update.error.get("kind", "engine")
+    elif update.state in ("queued", "running", "done"):
+        job.error_problem = job.error_fix = job.error_kind = ""
+    if update.preview_path:
+        _load_preview(job, update.preview_path)
+    if update.files:
+        job.glb_path = update.files.get("mesh.glb", "")
+        job.camera_path = update.files.get("camera.json", "")
+        job.reference_path = update.files.get("reference.png", "")
+    return job
+
+
+def remove_job(settings, key: str) -> None:
+    for index, job in enumerate(settings.jobs):
+        if job.key == key:
+            if job.preview is not None and job.preview.users <= 1:
+                bpy.data.images.remove(job.preview)
+            settings.jobs.remove(index)
+            settings.active_job = min(settings.active_job, max(len(settings.jobs) - 1, 0))
+            return
+
+
+def tag_redraw(context=None) -> None:
+    wm = (context or bpy.context).window_manager
+    for window in wm.windows:
+        if window.screen is None:
+            continue
+        for area in window.screen.areas:
+            if area.type in ('VIEW_3D', 'IMAGE_EDITOR', 'PREFERENCES'):
+                area.tag_redraw()
+
+
+def poll_job_once(context, key: str) -> str | None:
+    """One tick: apply the worker's updates; import the result when it is there.
+
+    Returns None while the job goes on, else how it ended: "imported", "done" (not imported:
+    it belongs to another scene, or the import failed), "failed", "cancelled", "interrupted",
+    "unreachable", or "gone" (the job left the list).
+    """
+    worker = WORKERS.get(key)
+    updates = worker.drain() if worker is not None else []
+    found = find_job(key)
+    if found is None:  # removed from the list (or undone away): stop following, the engine goes on
+        if worker is not None:
+            worker.detach()
+        WORKERS.pop(key, None)
+        return "gone"
+    scene, job = found
+    for update in updates:
+        if apply_update(scene, update) is None:
+            break
+    if updates:
+        tag_redraw(context)
+    if find_job(key) is None:
+        WORKERS.pop(key, None)
+        return "gone"
+    if job.state in ACTIVE_STATES:
+        if worker is None or worker.is_alive() or not worker.updates.empty():
+            return None
+        return job.state  # the worker ended without a final word (detached)
+    WORKERS.pop(key, None)
+    if job.state == "done" and not job.imported and job.glb_path:
+        if scene != context.scene:
+            return "done"
+        try:
+            bpy.ops.realfusion.import_result(key=key)  # one undo step for all of it
+        except RuntimeError:  # its error report (raised only in background mode); the job keeps the error
+            pass
+        return "imported" if job.imported else "done"
+    return job.state
+
+
+# ---------------------------------------------------------------------------------------- operators
+
+def _report_error(operator, settings, exc: EngineError) -> None:
+    settings.set_error(exc.problem, exc.fix, exc.kind)
+    operator.report({'ERROR'}, f"RealFusion: {exc.problem} {exc.fix}")
+
+
+class REALFUSION_OT_reconstruct(bpy.types.Operator):
+    """Send the photo to the RealFusion engine and import the textured mesh and its camera when it is done"""
+
+    bl_idname = "realfusion.reconstruct"
+    bl_label = "Reconstruct"
+    bl_options = {'REGISTER'}
+
+    image_name: StringProperty(name="Image", description="Reconstruct this image instead of the panel's",
+                               options={'SKIP_SAVE'})
+    follow: StringProperty(name="Follow", description="Key of a job already on the engine to follow",
+                           options={'SKIP_SAVE', 'HIDDEN'})
+    resume: BoolProperty(name="Resume", description="Ask the engine to go on with the followed job first",
+                         options={'SKIP_SAVE', 'HIDDEN'})
+
+    _timer = None
+    _key = ""
+
+    def execute(self, context):
+        settings = context.scene.realfusion
+        try:
+            if self.follow:
+                follow_job(context, self.follow, resume=self.resume)
+                self._key = self.follow
+            else:
+                self._key = start_job(context, self.image_name)
+        except EngineError as exc:
+            _report_error(self, settings, exc)
+            return {'CANCELLED'}
+        if context.window is None or bpy.app.background:
+            return {'FINISHED'}  # nothing would tick the modal; the caller drives poll_job_once
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(_poll_interval(context) / 2, window=context.window)
+        wm.modal_handler_add(self)
+        return {'RUNNING_MODAL'}
+
+    def invoke(self, context, event):
+        return self.execute(context)
+
+    def modal(self, context, event):
+        if event.type == 'ESC' and event.value == 'PRESS':
+            worker = WORKERS.get(self._key)
+            if worker is not None:
+                worker.cancel()
+                self.report({'INFO'}, "RealFusion: cancelling the reconstruction")
+            return {'PASS_THROUGH'}
+        if event.type != 'TIMER':
+            return {'PASS_THROUGH'}
+        outcome = poll_job_once(context, self._key)
+        if outcome is None:
+            return {'PASS_THROUGH'}
+        self._end(context)
+        found = find_job(self._key)
+        job = found[1] if found else None
+        if outcome == "imported":
+            self.report({'INFO'}, f"RealFusion: imported {job.collection_name if job else 'the result'}")
+            return {'FINISHED'}
+        if outcome == "gone":
+            settings = context.scene.realfusion
+            if settings.error_problem:
+                self.report({'ERROR'}, f"RealFusion: {settings.error_problem} {settings.error_fix}")
+            return {'CANCELLED'}
+        if job is not None and job.error_problem:
+            self.report({'ERROR'}, f"RealFusion: {job.error_problem} {job.error_fix}")
+        elif job is not None:
+            self.report({'WARNING'} if outcome != "done" else {'INFO'}, f"RealFusion: {job.name}: {job.message}")
+        return {'CANCELLED'}
+
+    def cancel(self, context):  # Blender ends the modal (a file is loaded, the window closes)
+        self._end(context)
+
+    def _end(self, context):
+        if self._timer is not None:
+            context.window_manager.event_timer_remove(self._timer)
+            self._timer = None
+
+
+class REALFUSION_OT_import_result(bpy.types.Operator):
+    """Import the job's mesh into a new collection and add a camera where the photo was taken"""
+
+    bl_idname = "realfusion.import_result"
+    bl_label = "Import RealFusion Result"
+    bl_options = {'REGISTER', 'UNDO'}
+
+    key: StringProperty(name="Job", options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        settings = context.scene.realfusion
+        job = settings.job(self.key)
+        if job is None or not job.glb_path:
+            self.report({'ERROR'}, "RealFusion: this job has no downloaded result; press Fetch Result first")
+            return {'CANCELLED'}
+        background = None
+        if settings.use_background:
+            background = _background_image(job)
+        try:
+            result = importer.import_result(context, bpy.path.abspath(job.glb_path),
+                                            bpy.path.abspath(job.camera_path), name=job.name,
+                                            background=background)
+        except importer.ImportProblem as exc:
+            job.error_problem, job.error_fix, job.error_kind = exc.problem, exc.fix, "import"
+            self.report({'ERROR'}, f"RealFusion: {exc.problem} {exc.fix}")
+            return {'CANCELLED'}
+        job.imported = True
+        job.collection_name = result["collection"].name
+        job.error_problem = job.error_fix = job.error_kind = ""
+        return {'FINISHED'}
+
+
+def _background_image(job):
+    """The reference view the engine framed (it matches the camera exactly), else the photo."""
+    if job.reference_path and os.path.isfile(bpy.path.abspath(job.reference_path)):
+        return importer.load_image(bpy.path.abspath(job.reference_path), f"{job.name} Reference")
+    if job.image_name and job.image_name in bpy.data.images:
+        return bpy.data.images[job.image_name]
+    if job.image_path and os.path.isfile(bpy.path.abspath(job.image_path)):
+        return importer.load_image(bpy.path.abspath(job.image_path))
+    return None
+
+
+class REALFUSION_OT_cancel(bpy.types.Operator):
+    """Cancel this reconstruction on the engine (it keeps its last checkpoint)"""
+
+    bl_idname = "realfusion.cancel"
+    bl_label = "Cancel"
+    bl_options = {'INTERNAL'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        worker = WORKERS.get(self.key)
+        if worker is None or not worker.is_alive():
+            found = find_job(self.key)
+            if found is None or not found[1].job_id:
+                return {'CANCELLED'}
+            result = bpy.ops.realfusion.reconstruct('EXEC_DEFAULT', follow=self.key)
+            if 'CANCELLED' in result:
+                return {'CANCELLED'}
+            worker = WORKERS.get(self.key)
+        if worker is not None:
+            worker.cancel()
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_follow(bpy.types.Operator):
+    """Follow this job on the engine again and import its result when it is done"""
+
+    bl_idname = "realfusion.follow"
+    bl_label = "Fetch Result"
+    bl_options = {'INTERNAL'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+    resume: BoolProperty(name="Resume", options={'HIDDEN', 'SKIP_SAVE'},
+                         description="Ask the engine to go on from the job's last checkpoint")
+
+    @classmethod
+    def description(cls, context, properties):
+        if properties.resume:
+            return "Ask the engine to go on with this job from its last checkpoint, and import the result"
+        return None
+
+    def execute(self, context):
+        return bpy.ops.realfusion.reconstruct('EXEC_DEFAULT', follow=self.key, resume=self.resume)
+
+
+class REALFUSION_OT_remove_job(bpy.types.Operator):
+    """Remove this job from the list (the engine keeps its folder)"""
+
+    bl_idname = "realfusion.remove_job"
+    bl_label = "Remove Job"
+    bl_options = {'INTERNAL', 'UNDO'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        worker = WORKERS.pop(self.key, None)
+        if worker is not None:
+            worker.detach()
+        remove_job(context.scene.realfusion, self.key)
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_dismiss_error(bpy.types.Operator):
+    """Hide this message"""
+
+    bl_idname = "realfusion.dismiss_error"
+    bl_label = "Dismiss"
+    bl_options = {'INTERNAL'}
+
+    def execute(self, context):
+        context.scene.realfusion.set_error()
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_engine_status(bpy.types.Operator):
+    """Ask the engine whether it is running, on which device, and how many jobs wait"""
+
+    bl_idname = "realfusion.engine_status"
+    bl_label = "Status"
+
+    def execute(self, context):
+        client = preferences.make_client(context, timeout=3.0)
+        engine_process.HEALTH.refresh(client)
+        health = engine_process.HEALTH
+        if health.error is not None:
+            context.scene.realfusion.set_error(health.error.problem, health.error.fix, health.error.kind)
+            self.report({'ERROR'}, f"RealFusion: {health.error.problem} {health.error.fix}")
+            return {'CANCELLED'}
+        context.scene.realfusion.set_error()
+        self.report({'INFO'}, f"RealFusion: {health.summary()} at {client.base_url}")
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_engine_start(bpy.types.Operator):
+    """Start the engine (`realfusion serve`) from the environment set in the add-on's preferences"""
+
+    bl_idname = "realfusion.engine_start"
+    bl_label = "Start Engine"
+
+    def execute(self, context):
+        prefs = preferences.get(context)
+        settings = context.scene.realfusion
+        if prefs is None:
+            self.report({'ERROR'}, "RealFusion: enable the add-on in the preferences first")
+            return {'CANCELLED'}
+        try:
+            jobs_dir = bpy.path.abspath(prefs.engine_jobs_dir) if prefs.engine_jobs_dir else ""
+            command = engine_process.serve_command(prefs.engine_python, prefs.server_url, prefs.model,
+                                                   prefs.engine_device, jobs_dir)
+            engine_process.PROCESS.start(command)
+        except EngineError as exc:
+            _report_error(self, settings, exc)
+            return {'CANCELLED'}
+        settings.set_error()
+        _watch_startup(context)
+        self.report({'INFO'}, f"RealFusion: starting the engine (log: {engine_process.PROCESS.log_path})")
+        return {'FINISHED'}
+
+
+def _watch_startup(context, seconds: float = 120.0) -> None:
+    """Ask /health every second until the new engine answers (or exits), so the panel updates by itself."""
+    client = preferences.make_client(context, timeout=2.0)
+    deadline = time.monotonic() + seconds
+
+    def check():
+        health = engine_process.HEALTH
+        if health.info is not None or time.monotonic() > deadline or not engine_process.PROCESS.running:
+            tag_redraw()
+            return None
+        health.refresh_async(client)
+        tag_redraw()
+        return 1.0
+
+    bpy.app.timers.register(check, first_interval=0.5)
+
+
+class REALFUSION_OT_engine_stop(bpy.types.Operator):
+    """Stop the engine this Blender session started (a running job is kept as interrupted: resume it later)"""
+
+    bl_idname = "realfusion.engine_stop"
+    bl_label = "Stop Engine"
+
+    def execute(self, context):
+        if not engine_process.PROCESS.stop():
+            self.report({'WARNING'}, "RealFusion: no engine was started from this Blender session")
+            return {'CANCELLED'}
+        engine_process.HEALTH.info = None
+        self.report({'INFO'}, "RealFusion: engine stopped")
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_open_preferences(bpy.types.Operator):
+    """Open the RealFusion add-on's preferences"""
+
+    bl_idname = "realfusion.open_preferences"
+    bl_label = "Engine Settings"
+    bl_options = {'INTERNAL'}
+
+    def execute(self, context):
+        bpy.ops.screen.userpref_show('INVOKE_DEFAULT')
+        context.preferences.active_section = 'ADDONS'
+        bpy.ops.preferences.addon_show(module=preferences.ADDON_ID)
+        return {'FINISHED'}
+
+
+classes = (
+    REALFUSION_OT_reconstruct,
+    REALFUSION_OT_import_result,
+    REALFUSION_OT_cancel,
+    REALFUSION_OT_follow,
+    REALFUSION_OT_remove_job,
+    REALFUSION_OT_dismiss_error,
+    REALFUSION_OT_engine_status,
+    REALFUSION_OT_engine_start,
+    REALFUSION_OT_engine_stop,
+    REALFUSION_OT_open_preferences,
+)
+
+register, unregister = bpy.utils.register_classes_factory(classes)

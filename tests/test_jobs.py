@@ -1,0 +1,156 @@
+"""The job queue on its own (engine.server.jobs), with a scripted runner in place of the pipeline."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from engine.errors import InputImageError
+from engine.pipeline import Progress
+from engine.server.jobs import STAGE_WEIGHTS, JobSettings, JobStateConflict, JobStore, UnknownJob, overall_progress
+
+PNG = b"\x89PNG\r\n\x1a\n fake"
+
+
+class ScriptedRunner:
+    """Reports a few stages; with `hold`, keeps reporting fit steps until released (or cancelled)."""
+
+    def __init__(self, fail: Exception | None = None):
+        self.fail = fail
+        self.hold = threading.Event()
+        self.started = threading.Event()
+        self.ran: list[str] = []
+
+    def __call__(self, settings: JobSettings, folder, report) -> None:
+        self.ran.append(folder.name)
+        report(Progress("matting"))
+        self.started.set()
+        if self.fail:
+            raise self.fail
+        step = 0
+        while self.hold.is_set():
+            step += 1
+            report(Progress("fit", step, 10**6, {"total": 1.5}))
+            time.sleep(0.005)
+        report(Progress("fit", 10, 10, {"total": 0.5}))
+        report(Progress("done", 10, 10))
+
+
+def wait_state(store: JobStore, job_id: str, *states: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while (record := store.snapshot(job_id)[0])["state"] not in states:
+        assert time.monotonic() < deadline, record
+        time.sleep(0.01)
+    return record
+
+
+@pytest.fixture
+def runner():
+    return ScriptedRunner()
+
+
+@pytest.fixture
+def store(tmp_path, runner):
+    jobs = JobStore(tmp_path / "jobs", runner)
+    jobs.start()
+    yield jobs
+    runner.hold.clear()
+    jobs.stop()
+
+
+def test_progress_weights_cover_the_whole_job():
+    assert sum(weight for _stage, weight in STAGE_WEIGHTS) == pytest.approx(1.0)
+    assert overall_progress("matting") == 0.0
+    assert overall_progress("fit", 50, 100) == pytest.approx(0.02 + 0.03 + 0.35 + 0.55 / 2)
+    assert overall_progress("export") == overall_progress("turntable") == pytest.approx(0.95)
+    assert overall_progress("done") == 1.0 and overall_progress("something new") is None
+
+
+def test_jobs_run_one_at_a_time_in_order(store, runner):
+    runner.hold.set()
+    first = store.submit(PNG, JobSettings())
+    second = store.submit(PNG, JobSettings(filename="b.jpg"))
+    runner.started.wait(5)
+    assert store.snapshot(first["id"])[0]["state"] == "running"
+    assert store.queue_position(second["id"]) == 0 and store.queued_count() == 1
+    runner.hold.clear()
+    done = wait_state(store, second["id"], "done")
+    assert runner.ran == [first["id"], second["id"]]
+    assert done["progress"] == 1.0 and done["metrics"] == {"total": 0.5}
+    assert (store.jobs_dir / second["id"] / "input.png").read_bytes() == PNG  # named by its bytes, not its name
+    assert [j.id for j in store.jobs()] == [second["id"], first["id"]]  # newest first
+
+
+def test_cancel_stops_a_running_job_and_empties_the_queue(store, runner):
+    runner.hold.set()
+    running = store.submit(PNG, JobSettings())
+    waiting = store.submit(PNG, JobSettings())
+    runner.started.wait(5)
+    assert store.cancel(waiting["id"]).state == "cancelled"
+    store.cancel(running["id"])
+    record = wait_state(store, running["id"], "cancelled")
+    assert record["error"] is None and record["stage"] == "fit"
+    status = json.loads((store.jobs_dir / running["id"] / "status.json").read_text())
+    assert status["state"] == "cancelled"
+    assert runner.ran == [running["id"]]  # the queued one never ran
+
+
+def test_errors_are_reported_with_problem_and_fix(tmp_path):
+    for exc, problem in ((InputImageError("No object found.", "Use a photo with the object in it."),
+                          "No object found."),
+                         (RuntimeError("boom"), "Internal error: RuntimeError: boom")):
+        jobs = JobStore(tmp_path / type(exc).__name__, ScriptedRunner(fail=exc))
+        jobs.start()
+        try:
+            record = wait_state(jobs, jobs.submit(PNG, JobSettings())["id"], "failed")
+        finally:
+            jobs.stop()
+        assert record["error"]["problem"] == problem and record["error"]["fix"]
+
+
+def test_a_restart_lists_unfinished_jobs_as_interrupted_and_resume_runs_them(tmp_path, runner):
+    crashed = JobStore(tmp_path / "jobs", runner)
+    crashed.start()
+    runner.hold.set()
+    running = crashed.submit(PNG, JobSettings(preset="fast", seed=3, overrides=["fit.iterations=9"]))
+    queued = crashed.submit(PNG, JobSettings())
+    runner.started.wait(5)
+
+    again = JobStore(tmp_path / "jobs", ScriptedRunner())  # the first one "died": nothing was shut down
+    assert {j.id: j.state for j in again.jobs()} == {running["id"]: "interrupted", queued["id"]: "interrupted"}
+    runner.hold.clear()
+    crashed.stop()
+
+    again.start()
+    try:
+        resumed = again.resume(running["id"])
+        assert resumed.settings.overrides == ["fit.iterations=9"] and resumed.settings.seed == 3
+        assert wait_state(again, running["id"], "done")["error"] is None
+        with pytest.raises(JobStateConflict):
+            again.resume(running["id"])
+    finally:
+        again.stop()
+
+
+def test_stopping_the_server_interrupts_the_running_job(tmp_path, runner):
+    jobs = JobStore(tmp_path / "jobs", runner)
+    jobs.start()
+    runner.hold.set()
+    job = jobs.submit(PNG, JobSettings())
+    runner.started.wait(5)
+    jobs.stop()
+    assert jobs.snapshot(job["id"])[0]["state"] == "interrupted"
+    assert JobStore(tmp_path / "jobs", runner).get(job["id"]).state == "interrupted"
+
+
+def test_files_are_only_served_from_inside_the_job_folder(store):
+    job = store.submit(PNG, JobSettings())
+    (store.jobs_dir / "outside.txt").write_text("no")
+    assert store.file(job["id"], "input.png") is not None
+    for name in ("../outside.txt", "/etc/passwd", "", ".", "a/../../outside.txt", "missing.png"):
+        assert store.file(job["id"], name) is None, name
+    with pytest.raises(UnknownJob):
+        store.file("../" + job["id"], "input.png")
