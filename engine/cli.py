@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import PRESETS, build_config
-from .errors import EngineError
+from .errors import ConfigError, EngineError
 
 METHODS = ("realfusion",)
 
@@ -30,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
     rec.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
     rec.add_argument("--restart", action="store_true", help="ignore a checkpoint left in the output folder")
+
+    demo = commands.add_parser("demo", help="offline demo: reconstruct a bundled synthetic object with the "
+                                            "oracle prior (no weights needed), export it and score it")
+    demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
+    demo.add_argument("--object", default="figure", help="which bundled object: box, mug or figure")
+    demo.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one config value (repeatable)")
+    demo.add_argument("--restart", action="store_true", help="ignore a checkpoint left in the output folder")
 
     srv = commands.add_parser("serve", help="run the local job server that the Blender add-on talks to")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -55,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--origin", choices=("center", "bottom"), help="object centered at the origin (default), or "
                                                                    "resting on z = 0")
     exp.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
+
+    ev = commands.add_parser("eval", help="score an exported reconstruction against ground truth (F-score, Chamfer, "
+                                          "PSNR, SSIM); writes eval.json and eval.png")
+    ev.add_argument("outdir", type=Path, help="a folder `reconstruct` or `demo` wrote (mesh.glb, camera.json, ...)")
+    ev.add_argument("--ground-truth", type=Path, help="folder with mesh.ply and points.npy "
+                                                      "(default OUTDIR/ground_truth)")
+    ev.add_argument("--views", type=int, default=8, help="turntable views compared with the ground truth (default 8)")
+    ev.add_argument("--resolution", type=int, default=256, help="side of the compared images in pixels (default 256)")
     return parser
 
 
@@ -110,9 +129,29 @@ def cmd_reconstruct(args) -> int:
                           resume=not args.restart)
     finally:
         bars.close()
-    mesh = (out.read_status() or {}).get("mesh")
-    print(f"done: {out.path} ({mesh + ', ' if mesh else ''}turntable.png, preview.png, field.pt, embedding.pt)")
+    _print_done(out)
     return 0
+
+
+def cmd_demo(args) -> int:
+    from .harness.demo import run_demo
+    from .harness.objects import OBJECTS
+
+    if args.object not in OBJECTS:
+        raise ConfigError(f"Unknown demo object {args.object!r}; the objects are {', '.join(OBJECTS)}.")
+    cfg = build_config(args.preset, args.overrides, seed=args.seed)
+    bars = StageBars()
+    try:
+        out = run_demo(args.output, cfg, args.object, device=args.device, report=bars, resume=not args.restart)
+    finally:
+        bars.close()
+    _print_done(out)
+    return 0
+
+
+def _print_done(out) -> None:
+    mesh = (out.read_status() or {}).get("mesh")
+    print(f"done: {out.path} ({mesh + ', ' if mesh else ''}turntable.png, preview.png, field.pt)")
 
 
 def cmd_export(args) -> int:
@@ -128,6 +167,14 @@ def cmd_export(args) -> int:
         bars.close()
     print(f"exported: {result.mesh_path} ({result.faces} faces, {result.file_bytes / 1e6:.1f} MB"
           f"{'' if result.watertight else ', not watertight'}) and camera.json, in {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .harness.evaluate import EVAL_FILE, SHEET_FILE, evaluate, summary
+
+    result = evaluate(args.outdir, args.ground_truth, views=args.views, resolution=args.resolution)
+    print(f"{summary(result)}; wrote {args.outdir / EVAL_FILE} and {args.outdir / SHEET_FILE}")
     return 0
 
 
@@ -147,7 +194,8 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"reconstruct": cmd_reconstruct, "serve": cmd_serve, "export": cmd_export}
+    handlers = {"reconstruct": cmd_reconstruct, "demo": cmd_demo, "serve": cmd_serve, "export": cmd_export,
+                "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except EngineError as exc:

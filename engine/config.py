@@ -213,7 +213,30 @@ def _fast() -> ReconstructionConfig:
     return cfg
 
 
+def _demo() -> ReconstructionConfig:
+    """CPU-sized, for `realfusion demo`: the oracle prior needs no textual inversion."""
+    cfg = ReconstructionConfig()
+    cfg.matting.image_size = 256
+    cfg.textual_inversion.enabled = False
+    cfg.fit.iterations = 400
+    cfg.fit.preview_every = 100
+    cfg.fit.checkpoint_every = 100
+    cfg.fit.coarse_levels_masked = 2
+    cfg.fit.turntable_resolution = 96
+    cfg.field.n_levels = 8
+    cfg.field.log2_hashmap_size = 14
+    cfg.field.finest_resolution = 128
+    cfg.render.num_samples = 32
+    cfg.render.random_resolution = 32
+    cfg.render.ref_resolution = 48
+    cfg.export.resolution = 128
+    cfg.export.texture_size = 512
+    cfg.export.max_faces = 20000
+    return cfg
+
+
 PRESETS: dict[str, typing.Callable[[], ReconstructionConfig]] = {
+    "demo": _demo,
     "fast": _fast,
     "standard": _standard,
     "paper": _paper,

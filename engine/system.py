@@ -25,8 +25,10 @@ from .renderer import Lighting, RenderOutput, VolumeRenderer, light_directions_n
 class Guidance(Protocol):
     """What the loop needs from a prior: a surrogate loss whose gradient is the prior's score."""
 
-    def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None):
-        """images [B,3,H,W] in [0,1] rendered from `cameras` under `lighting` -> object with a scalar `.loss`."""
+    def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None,
+                 background: torch.Tensor | None = None):
+        """images [B,3,H,W] in [0,1] rendered from `cameras` under `lighting` over `background` [B,3,H,W]
+        -> object with a scalar `.loss` whose gradient is the prior's."""
 
 
 @dataclass
@@ -153,7 +155,8 @@ class RealFusionSystem:
         out = self.renderer.render(self.field, self.background, cameras, shading=shading, light_dir=light,
                                    with_normals=True, stratified=True)
         lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
-        guided = self.guidance.sds_loss(out.image(), cameras, lighting)  # t ~ U(t_range), as the paper
+        background = out.background.permute(0, 3, 1, 2).detach()
+        guided = self.guidance.sds_loss(out.image(), cameras, lighting, background)  # t ~ U(t_range), as the paper
         terms = {"sds": guided.loss, "entropy": losses.opacity_entropy(out.opacity)}
         if out.normal is not None:
             terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out.normal, cfg.loss.normal_blur_kernel)

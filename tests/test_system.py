@@ -43,13 +43,13 @@ class RecordingPrior:
     def __init__(self):
         self.calls = []
 
-    def sds_loss(self, images, cameras=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None):
         self.calls.append((images.detach().clone(), cameras))
         return Guided(images.mean())
 
 
 class NoPrior:
-    def sds_loss(self, images, cameras=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None):
         raise AssertionError("loss.sds=0 must not call the prior")
 
 

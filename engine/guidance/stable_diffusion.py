@@ -174,15 +174,15 @@ class StableDiffusionGuidance:
         self.min_step = int(cfg.t_range[0] * total)
         self.max_step = int(cfg.t_range[1] * total)
 
-    def sds_loss(self, images: torch.Tensor, cameras=None, lighting=None, generator: torch.Generator | None = None,
-                 step_ratio: float | None = None) -> GuidanceOutput:
-        """images: [B,3,H,W] in [0,1] with grad. `cameras` and `lighting` are unused (a text prompt
-        judges any view and shading; view-aware priors take them).
+    def sds_loss(self, images: torch.Tensor, cameras=None, lighting=None, background=None,
+                 generator: torch.Generator | None = None, step_ratio: float | None = None) -> GuidanceOutput:
+        """images: [B,3,H,W] in [0,1] with grad. `cameras`, `lighting` and `background` are unused
+        (a text prompt judges any view, shading and backdrop; view-aware priors take them).
 
         step_ratio (training progress in [0,1]) replaces the uniform t by a deterministic
         t annealed from max to min step; None keeps DreamFusion's uniform sampling.
         """
-        del cameras, lighting
+        del cameras, lighting, background
         latents = self.encode(images, generator)
         batch = latents.shape[0]
         t = self.sample_timesteps(batch, generator, step_ratio)

@@ -79,7 +79,7 @@ OBJECTS: dict[str, Callable[[], trimesh.Trimesh]] = {"box": textured_box, "mug":
 
 
 def frame_for_reference(mesh: trimesh.Trimesh, camera_cfg: CameraConfig, object_fraction: float = 0.8,
-                        resolution: int = 128, iterations: int = 4) -> trimesh.Trimesh:
+                        resolution: int = 256, iterations: int = 8) -> trimesh.Trimesh:
     """Scale and shift `mesh` so its reference-view silhouette is centered and `object_fraction` of the frame."""
     mesh = mesh.copy()
     camera = reference_camera(camera_cfg, resolution)

@@ -36,19 +36,24 @@ class OracleGuidance:
         total = len(self.alphas_cumprod)
         self.min_step, self.max_step = int(cfg.t_range[0] * total), int(cfg.t_range[1] * total)
 
-    def truth(self, cameras: Cameras, size: tuple[int, int], lighting: Lighting | None = None) -> torch.Tensor:
-        """True renders [B,3,H,W] in [0,1] (object over white) from `cameras` at `size`, shaded as the render."""
+    def truth(self, cameras: Cameras, size: tuple[int, int], lighting: Lighting | None = None,
+              background: torch.Tensor | None = None) -> torch.Tensor:
+        """True renders [B,3,H,W] in [0,1] from `cameras` at `size`, shaded as the render was and over
+        its `background` [B,3,H,W] (white when None): the image the field should have produced."""
         view = render_ground_truth(self.mesh, cameras.with_resolution(size[1], size[0]), supersample=1,
                                    lighting=lighting)
-        return view.rgb.permute(0, 3, 1, 2)
+        rgb, clear = view.rgb.permute(0, 3, 1, 2), (1.0 - view.mask)[:, None]
+        if background is not None:
+            rgb = rgb - clear + clear * background.to(rgb.device)  # swap white for the render's background
+        return rgb
 
     def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None,
-                 t: torch.Tensor | None = None) -> GuidanceOutput:
+                 background: torch.Tensor | None = None, t: torch.Tensor | None = None) -> GuidanceOutput:
         if cameras is None:
             raise ValueError("the oracle prior needs the cameras the images were rendered from")
         batch = images.shape[0]
         x = images * 2.0 - 1.0
-        target = (self.truth(cameras, images.shape[-2:], lighting).to(images.device) * 2.0 - 1.0)
+        target = self.truth(cameras, images.shape[-2:], lighting, background).to(images.device) * 2.0 - 1.0
         if t is None:
             t = torch.randint(self.min_step, self.max_step + 1, (batch,), generator=self.generator)
         alpha_bar = self.alphas_cumprod[t].to(images.device).view(-1, 1, 1, 1)
