@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,8 @@ def build_scene(mesh_path: Path, camera: dict, samples: int, resolution: int) ->
     scene.render.dither_intensity = 0.0
     scene.render.use_compositing = False
     scene.render.use_sequencer = False
+    for stamp in [name for name in dir(scene.render) if name.startswith("use_stamp")]:
+        setattr(scene.render, stamp, False)
 
     scene.display_settings.display_device = "sRGB"
     scene.view_settings.view_transform = "Standard"
@@ -130,6 +133,19 @@ def build_scene(mesh_path: Path, camera: dict, samples: int, resolution: int) ->
     image.color_depth = "8"
     image.compression = 100
     return scene
+
+
+def strip_png_metadata(path: Path) -> None:
+    """Keep only the chunks that make the image: no render date or timings, so regenerating changes no byte."""
+    data = path.read_bytes()
+    signature, position, kept = data[:8], 8, []
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        chunk = data[position:position + 12 + length]
+        if chunk[4:8] in (b"IHDR", b"PLTE", b"tRNS", b"sRGB", b"gAMA", b"IDAT", b"IEND"):
+            kept.append(chunk)
+        position += 12 + length
+    path.write_bytes(signature + b"".join(kept))
 
 
 def main(argv: list[str]) -> None:
@@ -148,6 +164,7 @@ def main(argv: list[str]) -> None:
     scene.render.filepath = str(args.output)
     start = time.perf_counter()
     bpy.ops.render.render(write_still=True)
+    strip_png_metadata(args.output)
     print(json.dumps({"output": str(args.output), "render_s": round(time.perf_counter() - start, 3),
                       "samples": args.samples, "resolution": resolution}))
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 from PIL import Image
 
 from .. import __version__
@@ -79,8 +80,6 @@ def _require(path: Path, what: str, fix: str) -> Path:
 
 
 def load_exported_mesh(outdir: Path) -> ExportedMesh:
-    import trimesh
-
     outdir = Path(outdir)
     export_fix = f"Run `realfusion export {outdir}` first (or `realfusion reconstruct` into it)."
     name = None
@@ -118,8 +117,6 @@ def load_exported_mesh(outdir: Path) -> ExportedMesh:
 
 def _mesh_colors(mesh) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
     """(uv in glTF convention, texture) of a textured mesh, and per-vertex colors (gray where unknown)."""
-    import trimesh
-
     visual = mesh.visual
     colors = np.full((len(mesh.vertices), 3), 0.5)
     if isinstance(visual, trimesh.visual.ColorVisuals) and visual.kind == "vertex":
@@ -163,8 +160,6 @@ def evaluation_cameras(camera: dict, views: int, resolution: int) -> tuple[Camer
 
 def load_ground_truth(folder: Path) -> tuple[object, np.ndarray, bool]:
     """The true mesh (trimesh, vertex colors), its surface points, and whether the points came from points.npy."""
-    import trimesh
-
     folder = Path(folder)
     fix = ("Pass --ground-truth DIR, a folder with mesh.ply (vertex colors) and points.npy as `realfusion demo` "
            f"writes in OUTDIR/{GROUND_TRUTH_DIR}.")
@@ -198,7 +193,7 @@ def resized(image: np.ndarray, size: int) -> np.ndarray:
     scale = size / max(h, w)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     channels = image[..., None] if image.ndim == 2 else image
-    planes = [np.asarray(Image.fromarray(channels[..., c].astype(np.float32), mode="F").resize(new, Image.BOX))
+    planes = [np.asarray(Image.fromarray(channels[..., c].astype(np.float32)).resize(new, Image.BOX))
               for c in range(channels.shape[-1])]
     out = np.ones((size, size, channels.shape[-1]))
     top, left = (size - new[1]) // 2, (size - new[0]) // 2
@@ -218,9 +213,8 @@ def _finite(value):
 
 
 def versions() -> dict:
-    import scipy
-    import trimesh
     import PIL
+    import scipy
 
     return {"realfusion": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "scipy": scipy.__version__, "torch": torch.__version__, "trimesh": trimesh.__version__,
@@ -256,8 +250,6 @@ def evaluate(outdir: Path, ground_truth: Path | None = None, views: int = DEFAUL
 
     # geometry: points on the reconstructed mesh against the true points, in the field's frame (`seed` differs
     # from the one the true points were sampled with, or a perfect mesh would give the very same points)
-    import trimesh
-
     pred_points = metrics.surface_points(trimesh.Trimesh(mesh.vertices, mesh.faces, process=False), len(gt_points),
                                          seed).astype(np.float64)
     geometry = metrics.score_geometry(pred_points, gt_points, threshold)
