@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import PRESETS, build_config
+from .config import DEMO_PRESETS, PRESETS, build_config
 from .errors import ConfigError, EngineError
 
 METHODS = ("realfusion",)
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "oracle prior (no weights needed), export it and score it")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
     demo.add_argument("--object", default="figure", help="which bundled object: box, mug or figure")
-    demo.add_argument("--preset", choices=sorted(PRESETS), default="demo")
+    demo.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -146,6 +146,10 @@ def cmd_demo(args) -> int:
     finally:
         bars.close()
     _print_done(out)
+    from .harness.evaluate import EVAL_FILE, SHEET_FILE, evaluate, summary
+
+    result = evaluate(out.path)
+    print(f"{summary(result)}; wrote {out.path / EVAL_FILE} and {out.path / SHEET_FILE}")
     return 0
 
 

