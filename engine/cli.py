@@ -109,7 +109,7 @@ class StageBars:
         if progress.step:
             self._bar.update(progress.step - self._bar.n)
         if progress.metrics:
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in progress.metrics.items() if k in ("total", "sds", "image",
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in progress.metrics.items() if k in ("total", "sds", "image", "skipped",
                                                                                             "mask", "loss")})
 
     def close(self) -> None:

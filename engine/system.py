@@ -83,6 +83,7 @@ class RealFusionSystem:
         self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay)
         self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible
         self.step = 0
+        self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
 
     def _modules(self) -> list[torch.nn.Module]:
@@ -131,11 +132,22 @@ class RealFusionSystem:
         total = sum(getattr(cfg.loss, name) * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        self.optimizer.step()
-        self.ema.update()
+        finite = bool(torch.isfinite(total)) and all(
+            torch.isfinite(p.grad).all() for group in self.optimizer.param_groups for p in group["params"]
+            if p.grad is not None)
+        if finite:
+            self.optimizer.step()
+            self.ema.update()
+        else:
+            # One fp16 overflow (in the VAE or UNet) would turn every weight into NaN for good:
+            # drop this step's update instead, and say so in the report.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
         self.step += 1
         report = {name: float(value.detach()) for name, value in terms.items()}
         report["total"] = float(total.detach())
+        if self.skipped_steps:
+            report["skipped"] = float(self.skipped_steps)
         return report
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:

@@ -131,3 +131,18 @@ def test_render_on_white_has_white_where_empty(shading):
     system.ema.shadow[0].load_state_dict(system.field.state_dict())
     out = system.render(camera, shading=shading)
     assert torch.allclose(out.rgb, torch.ones_like(out.rgb), atol=1e-4)
+
+
+class OverflowingPrior:
+    def sds_loss(self, images, cameras=None, lighting=None, background=None):
+        return Guided(images.mean() * float("nan"))
+
+
+def test_a_non_finite_step_is_skipped_instead_of_poisoning_the_weights():
+    cfg = small_config("fit.iterations=4")
+    system = RealFusionSystem(cfg, sphere_reference(cfg)[0], OverflowingPrior(), torch.device("cpu"))
+    before = [p.detach().clone() for p in system.field.parameters()]
+    report = system.training_step()
+    assert report["skipped"] == 1 and system.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, system.field.parameters()))
+    assert all(torch.isfinite(p).all() for p in system.ema.shadow[0].parameters())
