@@ -45,10 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv = commands.add_parser("serve", help="run the local job server that the Blender add-on talks to")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     srv.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default 8765)")
-    srv.add_argument("--jobs-dir", type=Path, help="folder of the jobs (default ~/.local/share/realfusion/jobs)")
+    srv.add_argument("--data-dir", "--jobs-dir", dest="data_dir", type=Path,
+                     help="folder of the jobs and of the token file `token` (default $REALFUSION_DATA or "
+                          "~/.local/share/realfusion/jobs); --jobs-dir is the old name")
     srv.add_argument("--model", help="default Stable Diffusion hub id or local folder (default: SD 1.5)")
     srv.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     srv.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
+    srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest photo accepted, in MiB (default 50)")
+    srv.add_argument("--max-megapixels", type=float, default=64.0,
+                     help="largest photo accepted, in millions of pixels (default 64)")
 
     exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
                                              "its camera; `reconstruct` runs this at its end")
@@ -191,8 +196,10 @@ def cmd_serve(args) -> int:
             raise
         raise EngineError(f"`realfusion serve` needs {exc.name}, which is not installed.",
                           "Install the server extra: pip install 'realfusion-blender[server]'.") from exc
-    settings = ServerSettings(model=args.model, device=args.device, cache_dir=args.cache_dir, host=args.host)
-    return serve(args.jobs_dir or default_jobs_dir(), settings, port=args.port)
+    settings = ServerSettings(model=args.model, device=args.device, cache_dir=args.cache_dir, host=args.host,
+                              max_upload_bytes=int(args.max_upload_mb * 2**20),
+                              max_pixels=int(args.max_megapixels * 1e6))
+    return serve(args.data_dir or default_jobs_dir(), settings, port=args.port)
 
 
 def main(argv: list[str] | None = None) -> int:

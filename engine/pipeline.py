@@ -56,8 +56,58 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = None):
-    """The paper's prior: Stable Diffusion guided by a prompt with a token learned from the image."""
+class ModelCache:
+    """Loaded Stable Diffusion models kept between reconstructions (the server's worker), keyed by
+    (model id, device, dtype). Holds one model at a time: asking for another frees the previous one.
+
+    Reusing a model is safe: the placeholder token's row is reset by `add_placeholder_token` and the
+    learned vector is applied through a hook, so one job leaves nothing behind for the next.
+    """
+
+    def __init__(self, loader: Callable | None = None):
+        import threading
+
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._model = None
+        self.loads = 0  # how many times a model was actually loaded (not taken from the cache)
+
+    def get(self, model: str, device: torch.device, dtype: str):
+        key = (str(model), str(device), str(dtype))
+        with self._lock:
+            if self._key != key:
+                self._key, self._model = None, None  # free the old one before loading the new one
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                if self._loader is None:
+                    from .guidance import load_stable_diffusion
+
+                    self._model = load_stable_diffusion(model, device, dtype)
+                else:
+                    self._model = self._loader(model, device, dtype)
+                self._key = key
+                self.loads += 1
+            return self._model
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._model = None, None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def loaded(self) -> str | None:
+        """The model id held now, or None."""
+        return self._key[0] if self._key else None
+
+
+def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = None,
+                           models: ModelCache | None = None):
+    """The paper's prior: Stable Diffusion guided by a prompt with a token learned from the image.
+
+    With `models`, the model is taken from (and kept in) that cache instead of loaded for this run.
+    """
 
     def make(cfg: ReconstructionConfig, reference: ReferenceImage, device: torch.device, out: OutputDir,
              report: ProgressCallback):
@@ -65,7 +115,10 @@ def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = No
                                load_stable_diffusion, text_embeddings_for_guidance)
 
         report(Progress("prior"))
-        sd = load_stable_diffusion(model or cfg.prior.model, device, cfg.prior.dtype)
+        if models is not None:
+            sd = models.get(model or cfg.prior.model, device, cfg.prior.dtype)
+        else:
+            sd = load_stable_diffusion(model or cfg.prior.model, device, cfg.prior.dtype)
         ti = cfg.textual_inversion
         token_id = add_placeholder_token(sd, ti.placeholder, ti.initializer)
         learned = None

@@ -19,6 +19,19 @@ import time
 from .client import EngineClient, EngineError, host_port
 
 LOG_NAME = "realfusion-engine.log"
+TOKEN_FILE = "token"
+
+
+def default_data_dir() -> str:
+    """The engine's default data folder (its jobs and its token file), as `realfusion serve` computes it
+    (engine.server.jobs.default_jobs_dir): $REALFUSION_DATA, $REALFUSION_JOBS or ~/.local/share/realfusion/jobs."""
+    return os.environ.get("REALFUSION_DATA") or os.environ.get("REALFUSION_JOBS") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "realfusion", "jobs")
+
+
+def token_path(data_dir: str = "") -> str:
+    """Where the engine with this data folder (empty: the default) keeps its bearer token."""
+    return os.path.join(data_dir or default_data_dir(), TOKEN_FILE)
 
 
 def resolve_command(path: str) -> list[str]:
@@ -48,16 +61,15 @@ def resolve_command(path: str) -> list[str]:
     return [path]
 
 
-def serve_command(path: str, url: str, model: str = "", device: str = "auto", jobs_dir: str = "") -> list[str]:
+def serve_command(path: str, url: str, model: str = "", device: str = "auto", data_dir: str = "") -> list[str]:
+    """Always with --data-dir (empty: the default), so the add-on knows where the token file is."""
     host, port = host_port(url)
     command = resolve_command(path) + ["serve", "--host", host, "--port", str(port)]
     if model:
         command += ["--model", model]
     if device and device != "auto":
         command += ["--device", device]
-    if jobs_dir:
-        command += ["--jobs-dir", jobs_dir]
-    return command
+    return command + ["--data-dir", data_dir or default_data_dir()]
 
 
 class EngineProcess:

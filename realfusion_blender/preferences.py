@@ -17,9 +17,10 @@ class RealFusionPreferences(bpy.types.AddonPreferences):
     server_url: StringProperty(name="Engine URL", default=DEFAULT_URL,
                                description="Address of `realfusion serve` (it listens on loopback by default)")
     token: StringProperty(name="Token", subtype='PASSWORD', default="",
-                          description="Sent as a bearer token when set; empty: read from the token file, if any")
+                          description="The engine's bearer token; empty: read it from the token file")
     token_file: StringProperty(name="Token File", subtype='FILE_PATH', default="",
-                               description="File holding the engine's token (empty: none)")
+                               description="File holding the engine's token (empty: `token` in the engine's data "
+                                           "folder, which `realfusion serve` writes on its first start)")
     model: StringProperty(name="Model", default="",
                           description="Stable Diffusion hub id or local folder (empty: the engine's default)")
     default_preset: EnumProperty(name="Default Preset", items=PRESET_ITEMS, default="standard")
@@ -34,8 +35,9 @@ class RealFusionPreferences(bpy.types.AddonPreferences):
     engine_device: EnumProperty(name="Device", items=(("auto", "Auto", "CUDA when there is a GPU"),
                                                        ("cuda", "CUDA", "The GPU"), ("cpu", "CPU", "Slow; for tests")),
                                 default="auto")
-    engine_jobs_dir: StringProperty(name="Engine Jobs Folder", subtype='DIR_PATH', default="",
-                                    description="Where the engine keeps its jobs (empty: its default)")
+    engine_jobs_dir: StringProperty(name="Engine Data Folder", subtype='DIR_PATH', default="",
+                                    description="Where the engine keeps its jobs and its token file (empty: its "
+                                                "default, ~/.local/share/realfusion/jobs)")
     poll_interval: IntProperty(name="Poll Interval (ms)", min=100, max=10000, default=500)
 
     def draw(self, context):
@@ -75,9 +77,18 @@ def get(context=None):
 def make_client(context=None, timeout: float = 10.0) -> EngineClient:
     prefs = get(context)
     if prefs is None:
-        return EngineClient(DEFAULT_URL, timeout=timeout)
-    token = prefs.token or read_token_file(bpy.path.abspath(prefs.token_file) if prefs.token_file else "")
-    return EngineClient(prefs.server_url, token=token, timeout=timeout)
+        return EngineClient(DEFAULT_URL, token=read_token_file(engine_process.token_path()), timeout=timeout)
+    return EngineClient(prefs.server_url, token=token_for(prefs), timeout=timeout)
+
+
+def token_for(prefs) -> str:
+    """The Token field, else the token file: the one set in the preferences, else the engine's data folder's."""
+    if prefs.token:
+        return prefs.token
+    if prefs.token_file:
+        return read_token_file(bpy.path.abspath(prefs.token_file))
+    data_dir = bpy.path.abspath(prefs.engine_jobs_dir) if prefs.engine_jobs_dir else ""
+    return read_token_file(engine_process.token_path(data_dir))
 
 
 classes = (RealFusionPreferences,)

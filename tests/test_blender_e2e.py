@@ -56,7 +56,7 @@ def test_reconstruct_from_blender_imports_a_textured_mesh_under_a_matching_camer
         overrides.write_text(json.dumps(E2E_OVERRIDES))
         report_path = tmp_path / "report.json"
         run_blender_script(ROOT / "tests" / "blender" / "e2e_reconstruct.py", f"http://127.0.0.1:{server.port}",
-                           photo, report_path, overrides, timeout=300)
+                           photo, report_path, overrides, server.jobs_dir, timeout=300)
         report = json.loads(report_path.read_text())
     finally:
         server.stop()
@@ -85,7 +85,8 @@ def test_reconstruct_from_blender_imports_a_textured_mesh_under_a_matching_camer
     engine_view = engine_silhouette(tmp_path / "jobs" / report["job"]["job_id"])
     agreement = (blender & engine_view).sum() / (blender | engine_view).sum()
     assert agreement > 0.98, agreement
-    # ...and the mesh covers the object's mask in the reference view. The issue asks for 0.9; with this
-    # tiny fit the field's own silhouette reaches 0.97 but the exported surface sits inside it (0.86).
+    # ...and the mesh covers the object's mask in the reference view, as the issue asks (0.9). This tiny
+    # fit is soft: the surface where head-on rays are half opaque sits inside the mask (0.86); export
+    # matches the level to the mask instead (mesh.outline_level, 0.98).
     summary = {k: v for k, v in report.items() if k not in ("states", "progress", "silhouette")}
-    assert report["iou"] > 0.8, json.dumps(summary)
+    assert report["iou"] > 0.9, json.dumps(summary)

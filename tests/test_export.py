@@ -27,7 +27,7 @@ from engine.cli import main
 from engine.config import CameraConfig, ExportConfig, ReconstructionConfig, RenderConfig
 from engine.errors import ExportError
 from engine.export import export_field
-from engine.export.mesh import extract_surface
+from engine.export.mesh import Outline, extract_surface
 from engine.export.placement import Placement, euler_xyz
 from engine.renderer import VolumeRenderer
 from mesh_render import psnr, render_mesh
@@ -318,6 +318,29 @@ def test_level_puts_the_surface_where_the_renderer_shows_it(peak, width):
     radius = np.linalg.norm(surface.vertices, axis=1)
     assert radius.mean() == pytest.approx(expected, abs=0.004)
     assert abs(expected - 0.4) > 0.02  # the fixed level of the other case would be visibly off
+
+
+@pytest.mark.parametrize("shape, width, resolution", [(BallField, 0.02, 96), (TorusField, 0.03, 64)])
+def test_with_the_reference_mask_the_outline_covers_it(shape, width, resolution):
+    """A soft field (a short fit) shows its outline where grazing rays become half opaque, well outside
+    where head-on rays do; its opacity was fitted to the mask, so the mesh's outline must cover that."""
+    field = shape(width=width)
+    mask = reference_mask(field)  # what the fit matched: the field's own rendered opacity
+    camera = reference_camera(CameraConfig(), MASK_SIZE)
+    origins, directions = (r.reshape(-1, 3).numpy() for r in camera.rays())
+
+    def iou(surface) -> float:
+        seen = trimesh.Trimesh(surface.vertices, surface.faces, process=False).ray.intersects_any(
+            origins, directions).reshape(mask.shape)
+        return (seen & mask).sum() / (seen | mask).sum()
+
+    head_on = extract_surface(field, BOUND, resolution)
+    matched = extract_surface(field, BOUND, resolution, outline=Outline(camera, mask))
+    assert iou(head_on) < 0.8 and iou(matched) > 0.95, (iou(head_on), iou(matched))
+    assert matched.level < head_on.level and matched.watertight
+    # an empty mask says nothing about the outline: the head-on level stays
+    blank = extract_surface(field, BOUND, resolution, outline=Outline(camera, np.zeros_like(mask)))
+    assert blank.level == pytest.approx(head_on.level)
 
 
 def test_hard_edged_field_still_gets_a_surface():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
 
 import pytest
+import torch
 
 from engine.errors import InputImageError
 from engine.pipeline import Progress
@@ -154,3 +156,67 @@ def test_files_are_only_served_from_inside_the_job_folder(store):
         assert store.file(job["id"], name) is None, name
     with pytest.raises(UnknownJob):
         store.file("../" + job["id"], "input.png")
+
+
+class FailsFirst(ScriptedRunner):
+    """Raises `fail` on its first job only, then runs normally: the server must go on serving."""
+
+    def __call__(self, settings, folder, report) -> None:
+        fail, self.fail = self.fail, None
+        if fail is not None:
+            self.ran.append(folder.name)
+            report(Progress("fit", 1, 10))
+            raise fail
+        super().__call__(settings, folder, report)
+
+
+@pytest.mark.parametrize("exc, problem, fix", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU ran out of memory",
+     'preset "fast" or a smaller render resolution'),
+    (RuntimeError("CUDA error: out of memory"), "GPU ran out of memory", "smaller render resolution"),
+    (OSError(errno.ENOSPC, "No space left on device", "/jobs/x/checkpoints/last.pt"), "The disk is full",
+     "Free disk space"),
+])
+def test_out_of_gpu_memory_or_disk_fails_that_job_clearly_and_the_next_one_runs(tmp_path, exc, problem, fix):
+    jobs = JobStore(tmp_path / "jobs", FailsFirst(fail=exc))
+    jobs.start()
+    try:
+        failed = wait_state(jobs, jobs.submit(PNG, JobSettings())["id"], "failed")
+        after = wait_state(jobs, jobs.submit(PNG, JobSettings())["id"], "done", "failed")
+    finally:
+        jobs.stop()
+    assert problem in failed["error"]["problem"] and fix in failed["error"]["fix"], failed["error"]
+    assert "bug" not in failed["error"]["fix"] and failed["message"] == failed["error"]["problem"]
+    assert after["state"] == "done" and after["error"] is None  # the worker lived on
+
+
+def test_a_full_disk_while_saving_job_records_does_not_kill_the_worker(tmp_path, runner, monkeypatch):
+    import engine.server.jobs as jobs_module
+
+    jobs = JobStore(tmp_path / "jobs", runner)
+    jobs.start()
+    try:
+        def full(*_args, **_kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(jobs_module, "atomic_write_json", full)
+        job = jobs.submit(PNG, JobSettings())
+        assert wait_state(jobs, job["id"], "done")["error"] is None  # state kept in memory, served as usual
+        monkeypatch.undo()
+        assert wait_state(jobs, jobs.submit(PNG, JobSettings())["id"], "done")["state"] == "done"
+    finally:
+        jobs.stop()
+
+
+def test_the_model_cache_loads_once_per_model_device_and_dtype():
+    from engine.pipeline import ModelCache
+
+    loads = []
+    cache = ModelCache(loader=lambda model, device, dtype: loads.append((model, dtype)) or object())
+    cpu = torch.device("cpu")
+    first = cache.get("tiny", cpu, "float32")
+    assert cache.get("tiny", cpu, "float32") is first and cache.loads == 1 and cache.loaded == "tiny"
+    other = cache.get("tiny", cpu, "float16")  # another dtype is another model; the old one is let go
+    assert other is not first and cache.loads == 2 and cache.get("tiny", cpu, "float16") is other
+    cache.clear()
+    assert cache.loaded is None and cache.get("tiny", cpu, "float16") is not other and cache.loads == 3

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -34,17 +35,20 @@ LONG_FIT = ["fit.iterations=100000", "fit.checkpoint_every=2", "fit.preview_ever
 class Server:
     """`python -m engine.cli serve --port 0 ...` in its own process; the port comes from its first line."""
 
-    def __init__(self, jobs_dir: Path, model: Path, cache_dir: Path, log: Path):
-        self.jobs_dir, self.log = jobs_dir, log
+    def __init__(self, jobs_dir: Path, model: Path, cache_dir: Path, log: Path, dir_flag: str = "--data-dir",
+                 extra: tuple[str, ...] = ()):
+        self.jobs_dir, self.log, self.model = jobs_dir, log, model
         self._log_start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
         # One thread: on a small shared CI machine, OpenMP's spinning threads slow torch down many times over.
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine.cli", "serve", "--port", "0", "--jobs-dir", str(jobs_dir),
-                 "--model", str(model), "--device", "cpu", "--cache-dir", str(cache_dir)],
+                [sys.executable, "-m", "engine.cli", "serve", "--port", "0", dir_flag, str(jobs_dir),
+                 "--model", str(model), "--device", "cpu", "--cache-dir", str(cache_dir), *extra],
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.port = self._wait_for_port()
+        self.token = (jobs_dir / "token").read_text().strip()  # written before the server listens
+        self.auth = {"Authorization": f"Bearer {self.token}"}
 
     def _wait_for_port(self, timeout: float = 60.0) -> int:
         deadline = time.monotonic() + timeout
@@ -58,11 +62,15 @@ class Server:
         self.stop()
         pytest.fail(f"the server did not start:\n{self.log.read_text()}")
 
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0):
-        """(status, parsed JSON) over urllib, as the add-on does it."""
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 30.0, token: str | None = None):
+        """(status, parsed JSON) over urllib, as the add-on does it; token "" sends none."""
         data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data else {}
+        token = self.token if token is None else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"} if data else {})
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read())
@@ -73,7 +81,7 @@ class Server:
         """GET with the path sent exactly as written (no client-side normalization): (status, headers, body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers=self.auth)
             response = conn.getresponse()
             return response.status, dict(response.getheaders()), response.read()
         finally:
@@ -127,7 +135,9 @@ def embedding_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_sd_dir, embedding_cache):
     root = tmp_path_factory.mktemp("server")
-    srv = Server(root / "jobs", tiny_sd_dir, embedding_cache, root / "server.log")
+    # Small upload limits, so the limit tests need no big uploads (the test photo is far under both).
+    srv = Server(root / "jobs", tiny_sd_dir, embedding_cache, root / "server.log",
+                 extra=("--max-upload-mb", "1", "--max-megapixels", "1"))
     yield srv
     srv.stop()
 
@@ -223,7 +233,7 @@ def test_requests_addressed_to_another_host_name_are_refused(server):
     # A web page that rebinds its own name to 127.0.0.1 sends its name in Host: the server must not answer it.
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        conn.request("GET", "/jobs", headers={"Host": "attacker.example"})
+        conn.request("GET", "/jobs", headers={"Host": "attacker.example", **server.auth})
         assert conn.getresponse().status == 400
     finally:
         conn.close()
@@ -256,11 +266,13 @@ def test_a_client_that_goes_away_does_not_stop_the_job(server, photo_b64, done_j
     before = sorted(server.jobs_dir.iterdir())
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\n" % server.token.encode() +
                      b"Content-Length: 100000\r\n\r\n{\"image_png_base64\": \"iVBOR")
     # 2. a complete submission whose client hangs up without reading the answer still runs
     body = json.dumps(job_request(photo_b64, filename="hung-up.png")).encode()
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\n" % server.token.encode() +
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
     deadline = time.monotonic() + 30
     while not (mine := [j for j in server.call("GET", "/jobs")[1]["jobs"]
@@ -270,7 +282,8 @@ def test_a_client_that_goes_away_does_not_stop_the_job(server, photo_b64, done_j
     job_id = mine[0]["id"]
     assert len(set(server.jobs_dir.iterdir()) - set(before)) == 1
     # 3. an event stream closed after its first event does not stop it either
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/jobs/{job_id}/events", timeout=30) as stream:
+    events = urllib.request.Request(f"http://127.0.0.1:{server.port}/jobs/{job_id}/events", headers=server.auth)
+    with urllib.request.urlopen(events, timeout=30) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         assert stream.readline().startswith(b"event: job")
         assert json.loads(stream.readline().removeprefix(b"data: "))["id"] == job_id
@@ -282,7 +295,7 @@ def test_a_client_that_goes_away_does_not_stop_the_job(server, photo_b64, done_j
 def test_killed_server_leaves_the_job_interrupted_and_resume_finishes_it(tmp_path, tiny_sd_dir, photo_b64,
                                                                          embedding_cache, done_job):
     jobs = tmp_path / "jobs"
-    first = Server(jobs, tiny_sd_dir, embedding_cache, tmp_path / "server.log")
+    first = Server(jobs, tiny_sd_dir, embedding_cache, tmp_path / "server.log", dir_flag="--jobs-dir")  # old name
     try:
         overrides = ["fit.iterations=10", "fit.checkpoint_every=2", "fit.preview_every=4"]
         status, job = first.call("POST", "/jobs", job_request(photo_b64, overrides))
@@ -308,3 +321,140 @@ def test_killed_server_leaves_the_job_interrupted_and_resume_finishes_it(tmp_pat
         assert early_preview.stat().st_mtime < killed_at  # went on from the checkpoint, not from step 0
     finally:
         second.stop()
+
+
+# ---------------------------------------------------------------------------------------------- security, limits, load
+
+def test_every_request_needs_the_token_from_the_user_only_token_file(server):
+    token_file = server.jobs_dir / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600 and len(server.token) >= 32
+    for path in ("/health", "/jobs", "/jobs/nope", "/jobs/nope/events", "/jobs/nope/files/preview.png"):
+        for token in ("", "wrong", server.token + "x"):
+            status, body = server.call("GET", path, token=token)
+            assert status == 401, (path, token, body)
+            assert str(token_file) in body["error"]["fix"] and body["error"]["problem"], body
+    status, body = server.call("POST", "/jobs", {"image_png_base64": "x"}, token="wrong")
+    assert status == 401 and not [p for p in server.jobs_dir.iterdir() if p.is_dir() and p.name == "x"]
+    assert server.call("GET", "/health")[0] == 200  # the right token
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/openapi.json", timeout=30) as schema:
+        assert "/jobs/{job_id}" in json.loads(schema.read())["paths"]  # the docs need no token
+
+
+def test_uploads_over_the_byte_or_pixel_limit_are_refused(server, photo_b64):
+    before = sorted(server.jobs_dir.iterdir())
+    too_many_bytes = base64.b64encode(os.urandom(1200 * 1024)).decode()  # the server takes 1 MiB here
+    status, body = server.call("POST", "/jobs", job_request(too_many_bytes))
+    assert status == 413 and "MiB" in body["error"]["problem"] and "--max-upload-mb" in body["error"]["fix"]
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1100, 1000), (200, 40, 40)).save(buffer, format="PNG")  # 1.1 Mpx in a few KiB
+    status, body = server.call("POST", "/jobs", job_request(base64.b64encode(buffer.getvalue()).decode()))
+    assert status == 413 and "1100x1000" in body["error"]["problem"] and body["error"]["fix"], body
+
+    # a body announced as too big is refused before it is read
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer %s\r\nContent-Length: 10000000000\r\n\r\n{" % server.token.encode())
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sorted(server.jobs_dir.iterdir()) == before and server.call("GET", "/health")[0] == 200
+
+
+def test_three_concurrent_submissions_queue_and_finish_in_order_with_the_model_loaded_once(server, photo_b64,
+                                                                                           done_job):
+    import threading
+
+    barrier, results = threading.Barrier(3), [None] * 3
+
+    def submit(i):
+        barrier.wait()
+        results[i] = server.call("POST", "/jobs", job_request(photo_b64, filename=f"concurrent-{i}.png"))
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [status for status, _ in results] == [201] * 3, results
+    ids = [job["id"] for _, job in sorted(results, key=lambda r: r[1]["created"])]  # "created" is queue order
+    assert len(set(ids)) == 3
+    jobs = [server.wait(job_id) for job_id in ids]
+    assert [job["state"] for job in jobs] == ["done"] * 3, jobs
+    # one at a time, in the queue's order: each started (config.json) after the one before finished
+    spans = [((server.jobs_dir / i / "config.json").stat().st_mtime,
+              (server.jobs_dir / i / "status.json").stat().st_mtime) for i in ids]
+    assert all(spans[k][1] <= spans[k + 1][0] for k in range(2)), spans
+
+    status, health = server.call("GET", "/health")
+    assert status == 200 and health["model_loaded"] is True and health["loaded_model"] == str(server.model)
+    assert health["model_loads"] == 1, health  # every job here (done_job and these three) took the same model
+    assert health["gpu_memory"] is None  # CPU
+
+
+def test_fuzzed_requests_never_get_a_5xx_nor_stop_the_server(server, done_job):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+    json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                               | st.dictionaries(st.text(), inner, max_size=4), max_leaves=8)
+    fields = st.fixed_dictionaries({}, optional={
+        "image_png_base64": st.text(max_size=40) | st.just(base64.b64encode(b"\x89PNG\r\n\x1a\n").decode()),
+        "filename": json_values, "preset": st.sampled_from(["fast", "ultra", ""]) | json_values,
+        "method": json_values, "seed": json_values, "model": json_values, "overrides": json_values})
+    bodies = (json_values.map(lambda v: json.dumps(v).encode()) | fields.map(lambda v: json.dumps(v).encode())
+              | st.binary(max_size=200) | st.none())
+    segment = st.text(max_size=12).map(lambda t: urllib.parse.quote(t, safe="%.~"))
+    paths = st.one_of(
+        st.sampled_from(["/health", "/jobs", "/docs", "/openapi.json"]),
+        st.builds(lambda a: f"/jobs/{a}", segment | st.just(done_job["id"])),
+        st.builds(lambda a, b: f"/jobs/{a}/{b}", segment | st.just(done_job["id"]),
+                  st.sampled_from(["files", "resume", "events"]) | segment),
+        st.builds(lambda a, b: f"/jobs/{a}/files/{b}", st.just(done_job["id"]) | segment, segment),
+        st.lists(segment, max_size=4).map(lambda parts: "/" + "/".join(parts)))
+    seen = []
+
+    @settings(max_examples=100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]), path=paths, body=bodies,
+           content_type=st.sampled_from(["application/json", "text/plain", None]))
+    def request_is_answered_without_5xx(method, path, body, content_type):
+        if path.endswith("/events") and method == "GET" and done_job["id"] in path:
+            return  # a finished job's stream ends after one event, but a live one would not
+        if method == "DELETE" and path.strip("/").count("/") == 1 and done_job["id"] in path:
+            return  # cancelling the finished job is harmless, but keep it out of the way
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            headers = dict(server.auth)
+            if content_type:
+                headers["Content-Type"] = content_type
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            response.read()
+        finally:
+            conn.close()
+        seen.append(response.status)
+        assert response.status < 500, (method, path, body, response.status)
+
+    request_is_answered_without_5xx()
+    assert len(seen) >= 50 and server.proc.poll() is None and server.call("GET", "/health")[0] == 200
+    queued = [j for j in server.call("GET", "/jobs")[1]["jobs"] if j["state"] in ("queued", "running")]
+    assert not queued, queued  # no fuzzed request made a job
+
+
+def test_keep_alive_answers_are_not_held_back_by_nagle(server):
+    from engine.server.app import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP  # so asyncio sets TCP_NODELAY on every accepted connection
+    finally:
+        sock.close()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        start = time.monotonic()
+        for _ in range(20):  # with Nagle + delayed ACKs each of these took ~45 ms
+            conn.request("GET", "/health", headers=server.auth)
+            assert conn.getresponse().read()
+        assert time.monotonic() - start < 0.6
+    finally:
+        conn.close()

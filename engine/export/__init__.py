@@ -28,7 +28,7 @@ from ..errors import ExportError
 from ..outputs import STATUS_FILE, OutputDir, atomic_write_bytes, atomic_write_json, to_uint8
 from ..pipeline import FIELD_FILE, Progress, ProgressCallback, resolve_device
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
-from .mesh import DensityField, extract_surface
+from .mesh import DensityField, Outline, extract_surface
 from .placement import Placement, camera_description
 from .texture import albedo_at, bake_albedo, unwrap
 
@@ -39,6 +39,7 @@ FORMATS = ("glb", "obj")
 ORIGINS = ("center", "bottom")
 MESH_NODE, CAMERA_NODE = "realfusion_object", "reference_camera"
 STEPS = ("density", "surface", "decimate", "unwrap", "color", "write")
+OUTLINE_PIXELS = 128  # the reference mask is matched at most this many pixels a side (see mesh.outline_level)
 
 
 @dataclass
@@ -97,14 +98,36 @@ def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch
     field.eval()
     export_cfg = dataclasses.replace(cfg or run_cfg.export, **changes)
     camera = reference_camera(run_cfg.camera, run_cfg.matting.image_size)
-    result = export_field(field, run_cfg.field.bound, camera, outdir, export_cfg, device=dev, report=report)
+    result = export_field(field, run_cfg.field.bound, camera, outdir, export_cfg, device=dev, report=report,
+                          outline=_reference_outline(outdir, run_cfg))
     _note_in_status(outdir, result)
     return result
 
 
+def _reference_outline(outdir: Path, run_cfg: ReconstructionConfig) -> Outline | None:
+    """The reference camera and the object's mask (reference_mask.png), which the field's rendered opacity
+    was fitted to: the mesh's outline is matched to it. None when the folder has no readable mask."""
+    from PIL import Image
+
+    from ..matting import MASK_NAME
+
+    try:
+        with Image.open(Path(outdir) / MASK_NAME) as image:
+            mask = image.convert("L")
+            size = min(OUTLINE_PIXELS, mask.width)
+            mask = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0 > 0.5
+    except (OSError, ValueError):
+        return None
+    return Outline(reference_camera(run_cfg.camera, size), mask)
+
+
 def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Path, cfg: ExportConfig, *,
-                 device="cpu", report: ProgressCallback | None = None) -> ExportResult:
-    """Mesh, color and camera of `field` (seen from `camera[0]`, the reference view) into `outdir`."""
+                 device="cpu", report: ProgressCallback | None = None,
+                 outline: Outline | None = None) -> ExportResult:
+    """Mesh, color and camera of `field` (seen from `camera[0]`, the reference view) into `outdir`.
+
+    With an `outline` (the reference camera and the object's mask), the surface level is the one whose
+    outline covers the mask (mesh.outline_level); without, the level where head-on rays are half opaque."""
     import trimesh
 
     check_config(cfg)
@@ -122,7 +145,7 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
 
     report(Progress("export", 0, len(STEPS)))
     surface = extract_surface(field, bound, cfg.resolution, cfg.max_faces, cfg.min_component_fraction, device,
-                              progress)
+                              progress, outline)
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
     if cfg.vertex_colors:

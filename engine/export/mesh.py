@@ -1,9 +1,11 @@
 """From a density field to a clean, closed triangle mesh.
 
 The density is sampled on a grid over the field's box, a level is picked from the
-field itself (`choose_level`), floaters and hidden cavities are removed on the
-voxel grid, marching cubes (PyMCubes) extracts the surface, and quadric
-decimation (fast-simplification through trimesh) brings it to a face budget.
+field itself (`choose_level`) or, given the reference view's mask, matched to that
+(`outline_level`: a soft field's outline lies outside its head-on surface), floaters
+and hidden cavities are removed on the voxel grid, marching cubes (PyMCubes) extracts
+the surface, and quadric decimation (fast-simplification through trimesh) brings it
+to a face budget.
 Everything here is in the field's own coordinates (Blender's world: Z up).
 """
 
@@ -24,6 +26,9 @@ HALF_OPAQUE_DEPTH = math.log(2.0)
 # Grid columns count as meeting the surface head-on when the density gradient at their crossing is within
 # about 25 degrees of the column (cosine 0.9): there a column integrates exactly what a camera ray would.
 HEAD_ON_COSINE = 0.9
+# Along a camera ray, read the grid about once per cell when matching outlines (the largest trilinear value
+# along a line is at, or within a cell of, where it crosses cell faces).
+OUTLINE_SAMPLES_PER_CELL = 1.0
 MIN_CROSSINGS = 8  # fewer opaque columns than this: the field is (practically) empty
 FULL_BOUNDARY_FRACTION = 0.5  # more of the box's faces than this above the level: the field fills its box
 QUERY_CHUNK = 1 << 16  # points per field query (the CPU hash grid is fastest around here)
@@ -46,6 +51,18 @@ class DensityField(Protocol):
     def density(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class Outline:
+    """The reference view and the object's mask in it ([H,W] bool, the camera's pixels): what the mesh's
+    outline should cover (`outline_level`)."""
+
+    camera: object  # engine.cameras.Cameras; its first view
+    mask: np.ndarray
+
+    def __iter__(self):
+        return iter((self.camera, self.mask))
 
 
 @dataclass
@@ -74,14 +91,16 @@ def query_field(fn, points: torch.Tensor, device, chunk: int = QUERY_CHUNK) -> l
     return outputs
 
 
-def sample_density(field: DensityField, bound: float, resolution: int, device="cpu") -> np.ndarray:
+def sample_density(field: DensityField, bound: float, resolution: int, device="cpu",
+                   outline: Outline | None = None) -> np.ndarray:
     """Density on a resolution^3 grid over [-bound, bound]^3, indexed [x, y, z].
 
     Coarse to fine: the field is read on a grid of half the resolution, which is enough to
     see where the surface runs; only cells near it (density within a factor 2 of the coarse
     grid's level, plus one cell around) are read again at full resolution, the rest is
     interpolated. That is 4-7x fewer field queries at 256^3, which matters on a CPU.
-    Details thinner than a coarse cell (2 * 2 * bound / resolution) can be missed.
+    Details thinner than a coarse cell (2 * 2 * bound / resolution) can be missed. With an `outline`,
+    the cells read again are those near the level matched to it (`outline_level`).
     """
     if resolution < DENSE_BELOW:
         return _dense_density(field, bound, resolution, device)
@@ -91,6 +110,8 @@ def sample_density(field: DensityField, bound: float, resolution: int, device="c
         level = choose_level(coarse, 2.0 * bound / (coarse_resolution - 1))
     except EmptyFieldError:
         return _dense_density(field, bound, resolution, device)  # too small for the coarse grid: look closer
+    if outline is not None:
+        level = outline_level(coarse, bound, outline, level)
     corners = [coarse[i:coarse_resolution - 1 + i, j:coarse_resolution - 1 + j, k:coarse_resolution - 1 + k]
                for i in (0, 1) for j in (0, 1) for k in (0, 1)]
     near = (np.maximum.reduce(corners) >= 0.5 * level) & (np.minimum.reduce(corners) <= 2.0 * level)
@@ -177,10 +198,77 @@ def choose_level(grid: np.ndarray, spacing: float) -> float:
     on_top = np.isclose(grid, level, rtol=1e-4, atol=0.0).sum()
     if on_top > 0.5 * (grid >= level * (1.0 - 1e-4)).sum():
         level *= 0.5
+    _check_inside_box(grid, level)
+    return level
+
+
+def _check_inside_box(grid: np.ndarray, level: float) -> None:
     if _boundary_fraction_above(grid, level) > FULL_BOUNDARY_FRACTION:
         raise ExportError("The field fills its whole box: it is opaque at the box's faces, so there is no "
                           "object surface inside it to export.", RETRAIN_FIX)
-    return level
+
+
+@torch.no_grad()
+def outline_level(grid: np.ndarray, bound: float, outline: "Outline", head_on_level: float) -> float:
+    """The level whose surface, seen through the reference camera, best covers the object's mask.
+
+    The reference view's mask loss fits the field's rendered *opacity* to the mask, so the field's outline
+    is where rays grazing the object become half opaque. In a soft field such a ray collects that depth
+    over a long path of low density, so the surface at the head-on level (`choose_level`) sits inside the
+    outline. An iso-surface at level L covers a pixel where the largest density along its ray reaches L:
+    that is read off the grid itself, trilinear as marching cubes sees it (no field queries), and the level
+    is the threshold on it that best reproduces the mask (IoU). Of the thresholds within half a pixel of
+    the best, the one nearest the head-on level is taken: where the outline cannot tell levels apart, the
+    surface stays where a head-on ray sees it.
+    """
+    from ..renderer import intersect_box
+
+    camera, mask = outline
+    mask = np.asarray(mask, bool).reshape(-1)
+    origins, directions = (r[0].reshape(-1, 3).float().cpu() for r in camera.rays())
+    if mask.shape[0] != origins.shape[0]:
+        raise ValueError(f"the outline mask has {mask.shape[0]} pixels, the camera {origins.shape[0]}")
+    near, far = intersect_box(origins, directions, bound)
+    hit = far > near
+    total = int(mask.sum())
+    if total == 0 or not bool(hit.any()):
+        return head_on_level
+    spacing = 2.0 * bound / (grid.shape[0] - 1)
+    count = max(8, int(math.ceil(float((far - near)[hit].max()) / spacing * OUTLINE_SAMPLES_PER_CELL)))
+    volume = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None, None]  # [1,1,X,Y,Z]
+    steps = (torch.arange(count, dtype=torch.float32) + 0.5) / count
+    rays = torch.nonzero(hit)[:, 0]
+    peak = torch.zeros(len(hit))
+    chunk = max(1, QUERY_CHUNK * 4 // count)
+    for start in range(0, len(rays), chunk):
+        r = rays[start:start + chunk]
+        t = near[r, None] + (far[r] - near[r])[:, None] * steps
+        points = origins[r, None] + directions[r, None] * t[..., None]  # [R,S,3]
+        # grid_sample's last coordinate indexes the input's first spatial axis: grid[x, y, z] wants (z, y, x)
+        coords = (points / bound).flip(-1)[None, None]
+        density = torch.nn.functional.grid_sample(volume, coords, mode="bilinear", align_corners=True)[0, 0, 0]
+        peak[r] = density.max(-1).values
+    peak = peak.double().numpy()
+    order = np.argsort(-peak, kind="stable")
+    values = peak[order]
+    inside = np.cumsum(mask[order])  # a threshold just below values[k] covers the first k + 1 pixels
+    iou = inside / (total + np.arange(1, len(values) + 1) - inside)
+    # only thresholds between distinct values tell pixels apart; the level sits halfway to the next one down
+    candidates = np.flatnonzero(np.append(values[1:] < values[:-1], True) & (values > 0))
+    if len(candidates) == 0:
+        return head_on_level
+    levels = 0.5 * (values[candidates] + np.append(values[1:], 0.0)[candidates])
+    # a level so low that the field fills its box (choose_level refuses those) is no candidate
+    faces = np.sort(np.concatenate([f.ravel() for f in (grid[0], grid[-1], grid[:, 0], grid[:, -1],
+                                                        grid[:, :, 0], grid[:, :, -1])]))
+    above = len(faces) - np.searchsorted(faces, levels, side="left")
+    allowed = above <= FULL_BOUNDARY_FRACTION * len(faces)
+    if not allowed.any():
+        return head_on_level
+    levels, scores = levels[allowed], iou[candidates][allowed]
+    good = scores >= scores.max() - 0.5 / total
+    choice = np.argmin(np.abs(np.log(np.maximum(levels[good], 1e-30) / head_on_level)))
+    return float(levels[good][choice])
 
 
 def _gradient_at(grid: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -222,22 +310,29 @@ def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float) -> tupl
 
 
 def extract_surface(field: DensityField, bound: float, resolution: int, max_faces: int = 0,
-                    min_component_fraction: float = 0.1, device="cpu", progress=None) -> Surface:
-    """Grid, level, cleanup, marching cubes and decimation: a closed mesh in field coordinates."""
+                    min_component_fraction: float = 0.1, device="cpu", progress=None,
+                    outline: Outline | None = None) -> Surface:
+    """Grid, level, cleanup, marching cubes and decimation: a closed mesh in field coordinates.
+
+    With an `outline` (the reference camera and the object's mask in it) the level is the one whose
+    outline there covers the mask (`outline_level`); without one it is the head-on level (`choose_level`).
+    """
     progress = progress or (lambda _name: None)
-    grid = sample_density(field, bound, resolution, device)
+    grid = sample_density(field, bound, resolution, device, outline)
     progress("density")
-    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress)
+    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress, outline)
 
 
 def surface_from_grid(grid: np.ndarray, bound: float, max_faces: int = 0, min_component_fraction: float = 0.1,
-                      progress=None) -> Surface:
+                      progress=None, outline: Outline | None = None) -> Surface:
     import mcubes
     import trimesh
 
     progress = progress or (lambda _name: None)
     spacing = 2.0 * bound / (grid.shape[0] - 1)
     level = choose_level(grid, spacing)
+    if outline is not None:
+        level = outline_level(grid, bound, outline, level)
     cleaned, removed = clean_occupancy(grid, level, min_component_fraction)
     touches = _boundary_fraction_above(cleaned, level) > 0.0
     # An empty layer around the grid closes the surface where the object runs into the box: always watertight.

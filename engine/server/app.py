@@ -10,8 +10,11 @@ Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
   POST   /jobs/{id}/resume        queue an interrupted/failed/cancelled job again
   GET    /jobs/{id}/events        Server-Sent Events, one `job` event per change (polling works as well)
 
-The server listens on 127.0.0.1 unless told otherwise, and then only answers requests
-addressed to a loopback name (so a web page cannot reach it through DNS rebinding).
+Every request must carry `Authorization: Bearer <token>`, the token the server generates on
+its first start and keeps in DATA_DIR/token (readable by its user only); /docs and
+/openapi.json are open. The server listens on 127.0.0.1 unless told otherwise, and then only
+answers requests addressed to a loopback name (so a web page cannot reach it through DNS
+rebinding). Uploads are limited in bytes and in pixels (ServerSettings).
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import errno
+import io
 import json
 import logging
 import mimetypes
+import os
+import secrets
 import socket
 import sys
 from contextlib import asynccontextmanager
@@ -39,27 +46,120 @@ from ..cli import METHODS
 from ..config import PRESETS
 from ..errors import EngineError, InputImageError
 from .jobs import (FINISHED, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings, UnknownJob)
-from .schemas import ErrorResponse, Health, JobList, JobOut, JobRequest
+from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest
 
 log = logging.getLogger("realfusion.server")
 
-MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+TOKEN_FILE = "token"
+OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # no token needed: no data in them
+BODY_SLACK = 1024 * 1024  # JSON around the base64 photo
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 CONTENT_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".pt": "application/octet-stream",
                  ".json": "application/json", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 EVENT_POLL_S = 0.25
 EVENT_KEEPALIVE_S = 15.0
-ERRORS = {404: {"model": ErrorResponse}, 400: {"model": ErrorResponse}}
+ERRORS = {404: {"model": ErrorResponse}, 400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}}
 
 
-def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_factory=None) -> FastAPI:
-    """The API over the jobs in `jobs_dir`; `prior_factory(settings)` -> the prior handed to reconstruct."""
+class UploadTooLarge(EngineError):
+    """413: the photo has more bytes or pixels than the server takes."""
+
+
+def token_path(data_dir: Path) -> Path:
+    return Path(data_dir) / TOKEN_FILE
+
+
+def ensure_token(data_dir: Path) -> str:
+    """The server's bearer token from DATA_DIR/token, created (user-only, 0600) on the first start."""
+    path = token_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if token:
+        if os.name == "posix" and path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)  # someone loosened it: only this user may read the token
+        return token
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
+
+
+class _Guard:
+    """ASGI middleware: the bearer token on every request (but the docs), and a cap on the body's size
+    checked before it is read (Content-Length) and while it is read (chunked bodies)."""
+
+    def __init__(self, app, token: str, token_file: Path, max_body: int):
+        self.app, self.token_file, self.max_body = app, token_file, max_body
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        if scope.get("path") not in OPEN_PATHS and not secrets.compare_digest(
+                headers.get(b"authorization", b""), self.expected):
+            problem = ("The request has no bearer token." if b"authorization" not in headers
+                       else "The bearer token is wrong.")
+            return await _send_error(send, 401, problem,
+                                     f"Send the header `Authorization: Bearer <token>` with the token in "
+                                     f"{self.token_file} (written by `realfusion serve` on its first start; "
+                                     "the Blender add-on reads it when its Token field is empty).",
+                                     [(b"www-authenticate", b"Bearer")])
+        try:
+            length = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await _send_error(send, 400, "The Content-Length header is not a number.", "Send a valid request.")
+        if length > self.max_body:
+            return await _send_error(send, 413, *_too_big(length, self.max_body))
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise UploadTooLarge(*_too_big(received, self.max_body))
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def _too_big(size: int, limit: int) -> tuple[str, str]:
+    return (f"The request is {size / 2**20:.1f} MiB; the server takes up to {limit / 2**20:.1f} MiB.",
+            "Send a smaller photo (2048 pixels a side is plenty), or start the server with a larger "
+            "--max-upload-mb.")
+
+
+async def _send_error(send, status: int, problem: str, fix: str, headers=()) -> None:
+    body = json.dumps({"error": {"problem": problem, "fix": fix}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_factory=None,
+               token: str | None = None) -> FastAPI:
+    """The API over the jobs in `jobs_dir` (the data folder, which also holds the token file);
+    `prior_factory(settings)` -> the prior handed to reconstruct; `token`: None reads or creates the file."""
     from ..pipeline import resolve_device
 
     settings = settings or ServerSettings()
     device = resolve_device(settings.device)  # a --device cuda without a GPU fails here, before listening
     gpu = _gpu_name(device)
-    store = JobStore(jobs_dir, Reconstructor(settings, prior_factory), default_model=settings.model)
+    reconstructor = Reconstructor(settings, prior_factory)
+    store = JobStore(jobs_dir, reconstructor, default_model=settings.model)
+    token = token or ensure_token(jobs_dir)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -71,7 +171,10 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
 
     app = FastAPI(title="RealFusion job server", version=__version__, lifespan=lifespan)
     app.state.store = store
-    if settings.host in LOOPBACK_NAMES[:2]:
+    app.state.reconstructor = reconstructor
+    max_body = settings.max_upload_bytes * 4 // 3 + BODY_SLACK  # base64 makes 3 bytes into 4
+    app.add_middleware(_Guard, token=token, token_file=token_path(jobs_dir), max_body=max_body)
+    if settings.host in LOOPBACK_NAMES[:2]:  # added last, so it runs first: a foreign Host is 400 before 401
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))
     _add_error_handlers(app)
 
@@ -81,13 +184,16 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
 
     @app.get("/health", response_model=Health)
     def health():
+        models = reconstructor.models
         return Health(ok=True, version=__version__, device=device.type, gpu=gpu, methods=list(METHODS),
                       presets=list(PRESETS), model=settings.default_model, queue=store.queued_count(),
-                      running=store.running_id())
+                      running=store.running_id(), model_loaded=models.loaded is not None,
+                      loaded_model=models.loaded, model_loads=models.loads, gpu_memory=_gpu_memory(device))
 
-    @app.post("/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
+    @app.post("/jobs", status_code=201, response_model=JobOut,
+              responses={**ERRORS, 413: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})
     def submit(request: JobRequest):
-        image = _decode_image(request.image_png_base64)
+        image = _decode_image(request.image_png_base64, settings)
         record = store.submit(image, JobSettings(filename=request.filename, preset=request.preset,
                                                  method=request.method, seed=request.seed, model=request.model,
                                                  overrides=list(request.overrides)))
@@ -157,7 +263,7 @@ def _job_out(store: JobStore, record: dict) -> JobOut:
                   settings={k: v for k, v in record["settings"].items() if k != "input"})
 
 
-def _decode_image(data: str) -> bytes:
+def _decode_image(data: str, settings: ServerSettings) -> bytes:
     try:
         image = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -165,10 +271,36 @@ def _decode_image(data: str) -> bytes:
                               "Send the photo's bytes base64-encoded (standard alphabet, with padding).") from exc
     if not image:
         raise InputImageError("image_png_base64 is empty.", "Send the bytes of a PNG or JPEG photo of the object.")
-    if len(image) > MAX_UPLOAD_BYTES:
-        raise InputImageError(f"The photo is {len(image) / 2**20:.0f} MiB; the server takes up to "
-                              f"{MAX_UPLOAD_BYTES // 2**20} MiB.", "Send a smaller PNG or JPEG (2048 pixels is plenty).")
+    if len(image) > settings.max_upload_bytes:
+        raise UploadTooLarge(f"The photo is {len(image) / 2**20:.1f} MiB; the server takes up to "
+                             f"{settings.max_upload_bytes / 2**20:.1f} MiB.",
+                             "Send a smaller PNG or JPEG (2048 pixels a side is plenty), or start the server with "
+                             "a larger --max-upload-mb.")
+    _check_pixels(image, settings.max_pixels)
     return image
+
+
+def _check_pixels(image: bytes, max_pixels: int) -> None:
+    """Width x height from the header only (PIL's open does not decode), before anything decodes it."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image)) as img:
+                width, height = img.size
+    except Image.DecompressionBombError as exc:
+        raise UploadTooLarge(f"The photo has too many pixels ({exc}).",
+                             "Send a smaller photo (2048 pixels a side is plenty).") from exc
+    except Exception:  # noqa: BLE001 - not an image PIL knows: the matting's load says so with its own message
+        return
+    if width * height > max_pixels:
+        raise UploadTooLarge(f"The photo is {width}x{height} ({width * height / 1e6:.1f} Mpx); the server takes up "
+                             f"to {max_pixels / 1e6:.1f} Mpx.",
+                             "Scale the photo down (2048 pixels a side is plenty), or start the server with a "
+                             "larger --max-megapixels.")
 
 
 class _NotFound(EngineError):
@@ -182,8 +314,18 @@ def _error(status: int, problem: str, fix: str, **extra) -> JSONResponse:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(_request, exc: EngineError):
-        status = 404 if isinstance(exc, (UnknownJob, _NotFound)) else 409 if isinstance(exc, JobStateConflict) else 400
+        status = (404 if isinstance(exc, (UnknownJob, _NotFound)) else 409 if isinstance(exc, JobStateConflict)
+                  else 413 if isinstance(exc, UploadTooLarge) else 400)
         return _error(status, exc.problem, exc.fix)
+
+    @app.exception_handler(OSError)
+    async def os_error(_request, exc: OSError):
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return _error(507, f"The server's disk is full ({exc.strerror}).",
+                          "Free disk space (old jobs in the server's data folder can be deleted) and try again.")
+        log.error("internal error", exc_info=exc)
+        return _error(500, f"The server could not read or write a file ({exc.strerror or exc}).",
+                      "See the server's log.")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request, exc: RequestValidationError):
@@ -198,6 +340,15 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_request, exc: StarletteHTTPException):
         fix = "See GET /docs for the API." if exc.status_code in (404, 405) else "Check the request."
         return _error(exc.status_code, str(exc.detail), fix)
+
+
+def _gpu_memory(device) -> GpuMemory | None:
+    if device.type != "cuda":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return GpuMemory(free_bytes=free, total_bytes=total, used_by_server_bytes=torch.cuda.memory_reserved(device))
 
 
 def _gpu_name(device) -> str | None:
@@ -218,10 +369,10 @@ def serve(jobs_dir: Path, settings: ServerSettings, port: int = 8765, prior_fact
     host, bound_port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     print(f"realfusion server {__version__} listening on http://{url_host}:{bound_port} "
-          f"(jobs in {jobs_dir})", flush=True)
+          f"(data in {jobs_dir}; token in {token_path(jobs_dir)})", flush=True)
     if settings.host not in LOOPBACK_NAMES:
-        print(f"warning: listening on {settings.host}: anyone who can reach this machine can submit jobs "
-              "and read their results (there is no authentication).", file=sys.stderr, flush=True)
+        print(f"warning: listening on {settings.host}: anyone who can reach this machine and has the token can "
+              "submit jobs and read their results, over plain HTTP.", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
@@ -229,8 +380,10 @@ def serve(jobs_dir: Path, settings: ServerSettings, port: int = 8765, prior_fact
 
 def _listen(host: str, port: int) -> socket.socket:
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted sockets only then, and
+        # without it every answer on a keep-alive connection waits ~40 ms for a delayed ACK (Nagle).
+        sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)  # before the address is printed, so a client reading it can connect at once

@@ -13,6 +13,7 @@ are listed again on the next start and `resume` queues them to go on from their 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -98,6 +99,8 @@ class ServerSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cache_dir: Path | None = None  # learned embeddings; None: engine.pipeline.default_cache_dir()
     host: str = "127.0.0.1"
+    max_upload_bytes: int = 50 * 1024 * 1024  # the photo's bytes, decoded
+    max_pixels: int = 64_000_000  # the photo's width x height, read from its header
 
     @property
     def default_model(self) -> str:
@@ -144,9 +147,39 @@ class Job:
 
 
 def default_jobs_dir() -> Path:
-    root = os.environ.get("REALFUSION_JOBS") or os.path.join(
-        os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share")), "realfusion", "jobs")
+    """The server's data folder (jobs and the token file): $REALFUSION_DATA, $REALFUSION_JOBS or
+    ~/.local/share/realfusion/jobs. The Blender add-on computes the same path (engine_process.default_data_dir)."""
+    root = os.environ.get("REALFUSION_DATA") or os.environ.get("REALFUSION_JOBS") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "realfusion", "jobs")
     return Path(root)
+
+
+default_data_dir = default_jobs_dir
+
+
+def resource_error(exc: BaseException) -> dict | None:
+    """{"problem", "fix"} for a job that ran out of GPU memory or disk space; None for anything else."""
+    if _is_cuda_oom(exc):
+        return {"problem": f"The GPU ran out of memory during this job ({str(exc).splitlines()[0][:200]}).",
+                "fix": "Close other programs using the GPU (Blender's Cycles/Eevee viewport too), then resume the "
+                       "job, or submit it again with preset \"fast\" or a smaller render resolution "
+                       "(e.g. overrides render.random_resolution=64); the server runs on."}
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return {"problem": f"The disk is full{where}.",
+                "fix": "Free disk space (old jobs in the server's data folder can be deleted), then resume the job."}
+    return None
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 Report = Callable[[object], None]  # takes engine.pipeline.Progress
@@ -160,8 +193,11 @@ class Reconstructor:
     """
 
     def __init__(self, settings: ServerSettings, prior_factory: Callable | None = None):
+        from ..pipeline import ModelCache
+
         self.settings = settings
-        self.prior_factory = prior_factory or _stable_diffusion_prior_factory
+        self.models = ModelCache()  # the Stable Diffusion model, loaded by the first job and kept for the next
+        self.prior_factory = prior_factory or self._stable_diffusion_prior
 
     def config(self, job: JobSettings):
         return build_config(job.preset, job.overrides, seed=job.seed, method=job.method, model=job.model)
@@ -180,15 +216,18 @@ class Reconstructor:
         try:
             reconstruct(folder / job.input, folder, self.config(job), device=self.settings.device,
                         prior=self.prior_factory(self.settings), report=report, resume=True)
+        except BaseException as exc:
+            if _is_cuda_oom(exc):
+                self.models.clear()  # give everything back; the next job loads the model again
+            raise
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give the model's memory back between jobs (Blender shares the GPU)
 
+    def _stable_diffusion_prior(self, settings: ServerSettings):
+        from ..pipeline import stable_diffusion_prior
 
-def _stable_diffusion_prior_factory(settings: ServerSettings):
-    from ..pipeline import stable_diffusion_prior
-
-    return stable_diffusion_prior(cache_dir=settings.cache_dir)
+        return stable_diffusion_prior(cache_dir=settings.cache_dir, models=self.models)
 
 
 class JobStore:
@@ -255,6 +294,7 @@ class JobStore:
             raise
         job = Job(job_id, settings, message="Waiting for its turn")
         with self._lock:
+            job.created = job.updated = time.time()  # under the lock: "created" order is the queue's order
             self._jobs[job_id] = job
             self._enqueue(job)
             record = job.to_record()
@@ -368,18 +408,27 @@ class JobStore:
                        else "Stopped with the server; resume it to go on from its last checkpoint")
         except EngineError as exc:
             state, message, error = FAILED, str(exc), {"problem": exc.problem, "fix": exc.fix}
-        except Exception as exc:  # a bug: keep the traceback in the log, tell the client what happened
-            log.exception("job %s: internal error", job.id)
-            problem = f"Internal error: {type(exc).__name__}: {exc}"
-            state, message, error = FAILED, problem, {
-                "problem": problem, "fix": "This is a bug in the engine; the server log has the traceback. "
-                                           "Resume the job to try again."}
+        except Exception as exc:
+            error = resource_error(exc)
+            if error is not None:  # out of GPU memory or disk: this job fails, the server runs on
+                log.warning("job %s: %s", job.id, error["problem"])
+                state, message = FAILED, error["problem"]
+            else:
+                state, message, error = self._internal_error(job, exc)
         with self._lock:
             self._running = None
             self._finish(job, state, message, error)
             if state in (CANCELLED, INTERRUPTED):
                 self._write_folder_status(job)  # the pipeline wrote "failed"; say what really happened
         log.info("job %s %s%s", job.id, state, f": {message}" if state == FAILED else "")
+
+    @staticmethod
+    def _internal_error(job: Job, exc: Exception) -> tuple[str, str, dict]:
+        """A bug: keep the traceback in the log, tell the client what happened."""
+        log.error("job %s: internal error", job.id, exc_info=exc)
+        problem = f"Internal error: {type(exc).__name__}: {exc}"
+        return FAILED, problem, {"problem": problem, "fix": "This is a bug in the engine; the server log has the "
+                                                            "traceback. Resume the job to try again."}
 
     def _on_progress(self, job: Job, progress) -> None:
         with self._lock:
@@ -418,10 +467,16 @@ class JobStore:
         self._lock.notify_all()
 
     def _persist(self, job: Job) -> None:
-        atomic_write_json(self.jobs_dir / job.id / JOB_FILE, job.to_record())
+        try:
+            atomic_write_json(self.jobs_dir / job.id / JOB_FILE, job.to_record())
+        except OSError as exc:  # a full disk must not kill the worker: the state stays right in memory
+            log.warning("job %s: could not save %s (%s)", job.id, JOB_FILE, exc)
 
     def _write_folder_status(self, job: Job) -> None:
-        OutputDir(self.jobs_dir / job.id).set_status(job.state, job.stage, job.message)
+        try:
+            OutputDir(self.jobs_dir / job.id).set_status(job.state, job.stage, job.message)
+        except OSError as exc:
+            log.warning("job %s: could not save status.json (%s)", job.id, exc)
 
     def _new_id(self) -> str:
         while True:

@@ -65,6 +65,12 @@ class JobList(BaseModel):
     jobs: list[JobOut]
 
 
+class GpuMemory(BaseModel):
+    free_bytes: int
+    total_bytes: int
+    used_by_server_bytes: int = Field(description="memory torch holds in this server process")
+
+
 class Health(BaseModel):
     ok: bool
     version: str
@@ -75,3 +81,7 @@ class Health(BaseModel):
     model: str
     queue: int = Field(description="jobs waiting to start")
     running: Optional[str] = Field(None, description="id of the running job")
+    model_loaded: bool = Field(False, description="a Stable Diffusion model is loaded and kept for the next job")
+    loaded_model: Optional[str] = Field(None, description="id or folder of the loaded model")
+    model_loads: int = Field(0, description="times a model was loaded since the server started")
+    gpu_memory: Optional[GpuMemory] = Field(None, description="null on CPU")

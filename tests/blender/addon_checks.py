@@ -374,6 +374,31 @@ def check_client_maps_connection_refused_to_start_the_engine():
     assert time.monotonic() - start < 2.0  # refused at once, no waiting for a timeout
 
 
+def check_token_is_read_from_the_engines_data_folder_by_default():
+    from realfusion_blender import preferences
+
+    p = prefs()
+    data_dir = os.path.join(TMP, "engine-data")
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, "token"), "w") as f:
+        f.write("from-the-file\n")
+    own_file = os.path.join(TMP, "own-token")
+    with open(own_file, "w") as f:
+        f.write("from-my-file")
+    try:
+        p.engine_jobs_dir = data_dir
+        assert preferences.make_client().token == "from-the-file"  # Token field empty: the data folder's file
+        p.token_file = own_file
+        assert preferences.make_client().token == "from-my-file"  # a token file set in the preferences
+        p.token = "typed"
+        assert preferences.make_client().token == "typed"  # the field wins
+        p.token, p.token_file = "", ""
+        p.engine_jobs_dir = os.path.join(TMP, "no-engine-here")
+        assert preferences.make_client().token == ""  # no file: no token (the engine then answers 401)
+    finally:
+        p.token, p.token_file, p.engine_jobs_dir = "", "", ""
+
+
 def check_client_maps_engine_errors():
     from realfusion_blender.client import EngineClient, EngineError
 
@@ -695,9 +720,11 @@ def check_engine_launcher_starts_checks_and_stops_an_engine():
             raise AssertionError(f"{bad!r} was accepted")
 
     url = closed_port_url()
-    command = engine_process.serve_command(venv, url, model="tiny", device="cpu", jobs_dir=TMP)
+    command = engine_process.serve_command(venv, url, model="tiny", device="cpu", data_dir=TMP)
     assert command[1:] == ["serve", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--model", "tiny",
-                           "--device", "cpu", "--jobs-dir", TMP]
+                           "--device", "cpu", "--data-dir", TMP]
+    # without a data folder, the engine's default one: the add-on then knows where the token file is
+    assert engine_process.serve_command(venv, url)[-2:] == ["--data-dir", engine_process.default_data_dir()]
 
     p = prefs()
     p.engine_python, p.server_url = venv, url

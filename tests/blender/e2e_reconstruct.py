@@ -1,6 +1,6 @@
 """Reconstruct through the add-on against a real engine server, inside Blender (the bpy module).
 
-    python e2e_reconstruct.py ENGINE_URL PHOTO.png REPORT.json OVERRIDES.json
+    python e2e_reconstruct.py ENGINE_URL PHOTO.png REPORT.json OVERRIDES.json ENGINE_DATA_DIR
 
 What a user does: enable the add-on, pick the photo, press Reconstruct, wait. Background
 bpy fires no timers, so the Reconstruct operator's tick (`poll_job_once`) is called in a
@@ -17,13 +17,14 @@ import bpy
 from bpy_helpers import drive, enable_addon, image_alpha_mask, iou, scene_state, silhouette
 
 
-def main(url: str, photo: str, report_path: str, overrides_path: str) -> int:
+def main(url: str, photo: str, report_path: str, overrides_path: str, data_dir: str) -> int:
     with open(overrides_path) as f:
         overrides = json.load(f)
     enable_addon()
     bpy.ops.wm.read_homefile(use_empty=True)
     prefs = bpy.context.preferences.addons["realfusion_blender"].preferences
     prefs.server_url = url
+    prefs.engine_jobs_dir = data_dir  # the token: read from the engine's token file there (Token field empty)
     prefs.poll_interval = 200
 
     from realfusion_blender.operators import find_job, start_job

@@ -185,9 +185,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--model")
     parser.add_argument("--device")
-    parser.add_argument("--jobs-dir", default=".")
+    parser.add_argument("--data-dir", "--jobs-dir", dest="data_dir", default=".")
     args = parser.parse_args(argv)
-    engine = FakeEngine(args.jobs_dir, host=args.host, port=args.port)
+    engine = FakeEngine(args.data_dir, host=args.host, port=args.port)
     print(f"fake engine listening on {engine.url} ({' '.join(argv)})", flush=True)
     engine.server.serve_forever()
     return 0
