@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder of the jobs and of the token file `token` (default $REALFUSION_DATA or "
                           "~/.local/share/realfusion/jobs); --jobs-dir is the old name")
     srv.add_argument("--model", help="default Stable Diffusion hub id or local folder (default: SD 1.5)")
-    srv.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
+    srv.add_argument("--gpus", help="devices to run jobs on, one job at a time each: all (every visible CUDA GPU, "
+                                    "or the CPU when there is none; the default), cpu, or indices such as 0,1")
+    srv.add_argument("--device", default="auto", help="cuda, cuda:N or cpu: one worker on that device "
+                                                      "(used when --gpus is not given)")
     srv.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
     srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest photo accepted, in MiB (default 50)")
     srv.add_argument("--max-megapixels", type=float, default=64.0,
@@ -196,8 +199,9 @@ def cmd_serve(args) -> int:
             raise
         raise EngineError(f"`realfusion serve` needs {exc.name}, which is not installed.",
                           "Install the server extra: pip install 'realfusion-blender[server]'.") from exc
-    settings = ServerSettings(model=args.model, device=args.device, cache_dir=args.cache_dir, host=args.host,
-                              max_upload_bytes=int(args.max_upload_mb * 2**20),
+    gpus = args.gpus if args.gpus is not None or args.device != "auto" else "all"
+    settings = ServerSettings(model=args.model, device=args.device, gpus=gpus, cache_dir=args.cache_dir,
+                              host=args.host, max_upload_bytes=int(args.max_upload_mb * 2**20),
                               max_pixels=int(args.max_megapixels * 1e6))
     return serve(args.data_dir or default_jobs_dir(), settings, port=args.port)
 

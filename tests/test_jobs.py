@@ -220,3 +220,140 @@ def test_the_model_cache_loads_once_per_model_device_and_dtype():
     assert other is not first and cache.loads == 2 and cache.get("tiny", cpu, "float16") is other
     cache.clear()
     assert cache.loaded is None and cache.get("tiny", cpu, "float16") is not other and cache.loads == 3
+
+
+# ---------------------------------------------------------------------- several devices (serve --gpus)
+
+def test_gpus_values_are_parsed_and_checked_against_the_visible_gpus():
+    from engine.errors import DeviceError
+    from engine.server.jobs import parse_gpus
+
+    assert parse_gpus("all", cuda_count=0) == ["cpu"]  # no CUDA: one CPU worker
+    assert parse_gpus(None, cuda_count=0) == ["cpu"]
+    assert parse_gpus("cpu", cuda_count=0) == parse_gpus("CPU", cuda_count=2) == ["cpu"]
+    assert parse_gpus("all", cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert parse_gpus("0,1", cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert parse_gpus(" 1 , 1,cuda:0", cuda_count=2) == ["cuda:1", "cuda:0"]  # duplicates dropped, order kept
+    with pytest.raises(DeviceError) as no_cuda:
+        parse_gpus("0,1", cuda_count=0)
+    assert "no CUDA GPU" in no_cuda.value.problem and "--gpus cpu" in no_cuda.value.fix
+    assert "\n" not in str(no_cuda.value)
+    with pytest.raises(DeviceError, match="GPU 2"):
+        parse_gpus("0,2", cuda_count=2)
+    for bad in ("", "gpu0", "0;1", "-1", "0,"):
+        with pytest.raises(DeviceError, match="not understood"):
+            parse_gpus(bad, cuda_count=2)
+
+
+def test_serve_with_gpus_that_do_not_exist_fails_at_startup_with_one_line(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["serve", "--gpus", "0,99", "--data-dir", str(tmp_path / "data"), "--port", "0"]) == 5
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --gpus 0,99 asks for GPU") and "\n" not in err and "--gpus" in err.split(".", 1)[1]
+    assert not (tmp_path / "data" / "token").exists()  # nothing started
+
+
+class TimedRunner(ScriptedRunner):
+    """ScriptedRunner that also records when each job started and ended (and on which device)."""
+
+    def __init__(self, fail=None):
+        super().__init__(fail)
+        self.times: dict[str, tuple[float, float]] = {}
+        self.devices: dict[str, str] = {}
+
+    def __call__(self, settings, folder, report, device=None) -> None:
+        start = time.monotonic()
+        self.devices[folder.name] = device
+        try:
+            super().__call__(settings, folder, report)
+        finally:
+            self.times[folder.name] = (start, time.monotonic())
+
+
+def test_two_devices_run_two_jobs_at_once_and_a_third_waits_its_turn(tmp_path):
+    runner = TimedRunner()
+    jobs = JobStore(tmp_path / "jobs", runner, devices=["cpu", "cpu"])
+    jobs.start()
+    runner.hold.set()
+    try:
+        first, second, third = (jobs.submit(PNG, JobSettings())["id"] for _ in range(3))
+        running = [wait_state(jobs, job_id, "running") for job_id in (first, second)]
+        assert [r["device"] for r in running] == ["cpu", "cpu"]
+        assert sorted(jobs.running_ids()) == sorted([first, second])
+        assert [w["device"] for w in jobs.workers()] == ["cpu", "cpu"]
+        assert {w["running"] for w in jobs.workers()} == {first, second}
+        time.sleep(0.2)  # the third stays queued while both workers are busy
+        assert jobs.snapshot(third)[0]["state"] == "queued" and jobs.queue_position(third) == 0
+        assert jobs.snapshot(third)[0]["device"] is None
+        runner.hold.clear()
+        for job_id in (first, second, third):
+            assert wait_state(jobs, job_id, "done")["device"] == "cpu"
+    finally:
+        runner.hold.clear()
+        jobs.stop()
+    (s1, e1), (s2, e2), (s3, _e3) = (runner.times[j] for j in (first, second, third))
+    assert s1 < e2 and s2 < e1  # the first two overlapped
+    assert s3 >= min(e1, e2)  # the third started only when a worker was free
+    assert runner.devices == {first: "cpu", second: "cpu", third: "cpu"}  # device= handed to the runner
+
+
+def test_each_worker_gets_its_own_device_and_cancel_stops_only_that_job(tmp_path):
+    runner = TimedRunner()
+    jobs = JobStore(tmp_path / "jobs", runner, devices=["cuda:0", "cuda:1"])  # fake: the runner only records them
+    jobs.start()
+    runner.hold.set()
+    try:
+        first, second = (jobs.submit(PNG, JobSettings())["id"] for _ in range(2))
+        devices = {job_id: wait_state(jobs, job_id, "running")["device"] for job_id in (first, second)}
+        assert sorted(devices.values()) == ["cuda:0", "cuda:1"]
+        jobs.cancel(first)
+        assert wait_state(jobs, first, "cancelled")["error"] is None
+        assert jobs.snapshot(second)[0]["state"] == "running"
+        runner.hold.clear()
+        assert wait_state(jobs, second, "done")["device"] == devices[second]
+    finally:
+        runner.hold.clear()
+        jobs.stop()
+    assert runner.devices == devices
+
+
+def test_a_job_failing_on_one_worker_does_not_stop_the_other(tmp_path):
+    class CrashesFirst(TimedRunner):
+        def __call__(self, settings, folder, report, device=None) -> None:
+            if settings.seed == 1:
+                report(Progress("fit", 1, 10))
+                raise RuntimeError("worker crash")
+            super().__call__(settings, folder, report, device=device)
+
+    runner = CrashesFirst()
+    jobs = JobStore(tmp_path / "jobs", runner, devices=["cpu", "cpu"])
+    jobs.start()
+    runner.hold.set()
+    try:
+        healthy = jobs.submit(PNG, JobSettings(seed=0))["id"]
+        wait_state(jobs, healthy, "running")
+        crashed = wait_state(jobs, jobs.submit(PNG, JobSettings(seed=1))["id"], "failed")
+        assert "worker crash" in crashed["error"]["problem"]
+        assert jobs.snapshot(healthy)[0]["state"] == "running"  # the other worker goes on
+        after = jobs.submit(PNG, JobSettings(seed=2))["id"]  # the crashed job's worker takes the next one
+        assert wait_state(jobs, after, "running")["state"] == "running"
+        runner.hold.clear()
+        assert wait_state(jobs, healthy, "done")["error"] is None
+        assert wait_state(jobs, after, "done")["error"] is None
+    finally:
+        runner.hold.clear()
+        jobs.stop()
+
+
+def test_stopping_interrupts_the_jobs_of_every_worker(tmp_path):
+    runner = TimedRunner()
+    jobs = JobStore(tmp_path / "jobs", runner, devices=["cpu", "cpu"])
+    jobs.start()
+    runner.hold.set()
+    ids = [jobs.submit(PNG, JobSettings())["id"] for _ in range(2)]
+    for job_id in ids:
+        wait_state(jobs, job_id, "running")
+    jobs.stop(timeout=10)
+    assert [jobs.snapshot(job_id)[0]["state"] for job_id in ids] == ["interrupted", "interrupted"]
+    runner.hold.clear()

@@ -157,12 +157,14 @@ def test_health_describes_the_engine(server, tiny_sd_dir):
     assert health["device"] == "cpu" and health["gpu"] is None
     assert health["methods"] == ["realfusion"] and health["presets"] == ["fast", "standard", "paper"]
     assert health["model"] == str(tiny_sd_dir) and isinstance(health["queue"], int)
+    assert [(w["device"], w["gpu"]) for w in health["workers"]] == [("cpu", None)]  # --device cpu: one worker
 
 
 def test_job_runs_to_done_and_serves_its_results(server, done_job):
     job = done_job
     assert job["state"] == "done", job
     assert job["progress"] == 1.0 and job["error"] is None and job["stage"] == "done"
+    assert job["device"] == "cpu"  # the worker that ran it
     assert set(job["metrics"]) >= {"total", "sds", "image", "mask"}
     assert job["preview"] == f"/jobs/{job['id']}/files/preview.png"
     assert set(job["files"]) >= {"input.png", "reference.png", "preview.png", "turntable.png", "field.pt"}
@@ -389,6 +391,7 @@ def test_three_concurrent_submissions_queue_and_finish_in_order_with_the_model_l
     assert status == 200 and health["model_loaded"] is True and health["loaded_model"] == str(server.model)
     assert health["model_loads"] == 1, health  # every job here (done_job and these three) took the same model
     assert health["gpu_memory"] is None  # CPU
+    assert health["workers"] == [{"device": "cpu", "gpu": None, "running": None, "model_loaded": str(server.model)}]
 
 
 def test_fuzzed_requests_never_get_a_5xx_nor_stop_the_server(server, done_job):

@@ -45,7 +45,7 @@ def textured_box() -> trimesh.Trimesh:
 
 
 def mug() -> trimesh.Trimesh:
-    """A mug-like solid of revolution (blue base, white band, red top) with a yellow handle on +X."""
+    """A mug-like solid of revolution, graded from a blue base to a red top, with a yellow handle on +X."""
     profile = np.array([(0.0, -0.45), (0.3, -0.45), (0.34, -0.4), (0.36, 0.35), (0.33, 0.42), (0.0, 0.42)])
     body = trimesh.creation.revolve(profile, sections=48)
     body = _paint(body, lambda p: np.where((p[:, 2] > 0.1)[:, None], (0.85, 0.25, 0.2),

@@ -1,7 +1,7 @@
 """HTTP API v1 of the local job server (`realfusion serve`), which the Blender add-on talks to.
 
 Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
-  GET    /health                  engine version, device, presets, default model, queue length
+  GET    /health                  engine version, devices and their workers' jobs, presets, default model, queue
   POST   /jobs                    submit a photo (base64) with a preset, seed, model and overrides -> 201 job
   GET    /jobs                    {"jobs": [...]}, newest first
   GET    /jobs/{id}               one job: state, stage, step/total, overall progress, error, files
@@ -46,7 +46,7 @@ from ..cli import METHODS
 from ..config import PRESETS
 from ..errors import EngineError, InputImageError
 from .jobs import (FINISHED, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings, UnknownJob)
-from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest
+from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest, WorkerOut
 
 log = logging.getLogger("realfusion.server")
 
@@ -152,13 +152,14 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
                token: str | None = None) -> FastAPI:
     """The API over the jobs in `jobs_dir` (the data folder, which also holds the token file);
     `prior_factory(settings)` -> the prior handed to reconstruct; `token`: None reads or creates the file."""
-    from ..pipeline import resolve_device
+    import torch
 
     settings = settings or ServerSettings()
-    device = resolve_device(settings.device)  # a --device cuda without a GPU fails here, before listening
-    gpu = _gpu_name(device)
     reconstructor = Reconstructor(settings, prior_factory)
-    store = JobStore(jobs_dir, reconstructor, default_model=settings.model)
+    devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
+    gpus = {d: _gpu_name(torch.device(d)) for d in devices}
+    device = torch.device(devices[0])
+    store = JobStore(jobs_dir, reconstructor, default_model=settings.model, devices=devices)
     token = token or ensure_token(jobs_dir)
 
     @asynccontextmanager
@@ -184,11 +185,16 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
 
     @app.get("/health", response_model=Health)
     def health():
-        models = reconstructor.models
-        return Health(ok=True, version=__version__, device=device.type, gpu=gpu, methods=list(METHODS),
+        caches = reconstructor.caches
+        loaded = [c.loaded for c in caches.values() if c.loaded is not None]
+        workers = [WorkerOut(device=w["device"], gpu=gpus.get(w["device"]), running=w["running"],
+                             model_loaded=caches[w["device"]].loaded if w["device"] in caches else None)
+                   for w in store.workers()]
+        return Health(ok=True, version=__version__, device=device.type, gpu=gpus[devices[0]], methods=list(METHODS),
                       presets=list(PRESETS), model=settings.default_model, queue=store.queued_count(),
-                      running=store.running_id(), model_loaded=models.loaded is not None,
-                      loaded_model=models.loaded, model_loads=models.loads, gpu_memory=_gpu_memory(device))
+                      running=store.running_id(), workers=workers, model_loaded=bool(loaded),
+                      loaded_model=loaded[0] if loaded else None, model_loads=sum(c.loads for c in caches.values()),
+                      gpu_memory=_gpu_memory(device))
 
     @app.post("/jobs", status_code=201, response_model=JobOut,
               responses={**ERRORS, 413: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})

@@ -1,11 +1,12 @@
-"""The job queue behind `realfusion serve`: one worker thread, one job at a time, every job a folder.
+"""The job queue behind `realfusion serve`: one worker thread per device, every job a folder.
 
 A job is JOBS_DIR/<id>/: the upload (input.png or input.jpg), `job.json` (the server's
 record: its settings and last state) and whatever `engine.pipeline.reconstruct` writes
 there (status.json, reference.png, preview.png, turntable.png, field.pt, checkpoints/...).
 Nothing here knows about HTTP, so the queue can be driven and tested directly.
 
-Jobs run in submission order on one worker thread (one GPU). Cancelling sets a flag that
+Jobs start in submission order; each device (`--gpus`: "cuda:0", "cuda:1", ... or "cpu") has its
+own worker thread, which takes the next queued job when its job ends. Cancelling sets a flag that
 the pipeline's progress callback checks, so a running fit stops at its next step with its
 checkpoint kept. A server that stops (or dies) leaves unfinished jobs "interrupted"; they
 are listed again on the next start and `resume` queues them to go on from their checkpoint.
@@ -14,6 +15,7 @@ are listed again on the next start and `resume` queues them to go on from their 
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import PriorConfig, build_config
-from ..errors import EngineError
+from ..errors import DeviceError, EngineError
 from ..outputs import OutputDir, atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("realfusion.server")
@@ -80,6 +82,36 @@ def overall_progress(stage: str, step: int = 0, total: int = 0) -> float | None:
     return None
 
 
+def parse_gpus(value: str | None, cuda_count: int | None = None) -> list[str]:
+    """The worker devices for `--gpus`: "all" (every visible CUDA GPU, or one CPU worker when there is
+    none), "cpu", or GPU indices "0,1". `cuda_count`: GPUs visible (None: ask torch). Raises DeviceError."""
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    text = "all" if value is None else value.strip().lower()
+    if text == "all":
+        return [f"cuda:{i}" for i in range(cuda_count)] or ["cpu"]
+    if text == "cpu":
+        return ["cpu"]
+    indices: list[int] = []
+    for part in text.split(","):
+        part = part.strip().removeprefix("cuda:")
+        if not part.isdigit():
+            raise DeviceError(f"--gpus {value!r} is not understood.",
+                              "Use --gpus all, --gpus cpu, or GPU indices such as --gpus 0,1.")
+        if int(part) not in indices:
+            indices.append(int(part))
+    missing = [i for i in indices if i >= cuda_count]
+    if missing:
+        seen = (f"PyTorch sees {cuda_count} CUDA GPU(s) (indices 0-{cuda_count - 1})" if cuda_count
+                else "PyTorch sees no CUDA GPU on this machine")
+        raise DeviceError(f"--gpus {value} asks for GPU {', '.join(map(str, missing))}, but {seen}.",
+                          "Pick indices from `nvidia-smi -L` (check CUDA_VISIBLE_DEVICES), use --gpus all, "
+                          "or --gpus cpu (much slower).")
+    return [f"cuda:{i}" for i in indices]
+
+
 class JobCancelled(Exception):
     """Raised from the progress callback to stop a running job at its next step."""
 
@@ -96,7 +128,8 @@ class JobStateConflict(EngineError):
 @dataclass
 class ServerSettings:
     model: str | None = None  # default Stable Diffusion hub id or folder; None: the preset's
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: the one worker's device when `gpus` is not given
+    gpus: str | None = None  # --gpus: all | cpu | 0,1 -> one worker per device (see parse_gpus); wins over device
     cache_dir: Path | None = None  # learned embeddings; None: engine.pipeline.default_cache_dir()
     host: str = "127.0.0.1"
     max_upload_bytes: int = 50 * 1024 * 1024  # the photo's bytes, decoded
@@ -134,6 +167,7 @@ class Job:
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     metrics: dict = field(default_factory=dict)  # the last fit step's losses
+    device: str | None = None  # the worker's device ("cuda:1", "cpu") while running, and the last one after
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -196,8 +230,31 @@ class Reconstructor:
         from ..pipeline import ModelCache
 
         self.settings = settings
-        self.models = ModelCache()  # the Stable Diffusion model, loaded by the first job and kept for the next
-        self.prior_factory = prior_factory or self._stable_diffusion_prior
+        self._ModelCache = ModelCache
+        self._caches: dict[str, ModelCache] = {}  # device -> the Stable Diffusion model kept there between jobs
+        self._caches_lock = threading.Lock()
+        self.prior_factory = prior_factory
+
+    def devices(self) -> list[str]:
+        """The worker devices: --gpus when given, else the one --device (auto: cuda when there is one)."""
+        if self.settings.gpus is not None:
+            return parse_gpus(self.settings.gpus)
+        from ..pipeline import resolve_device
+
+        return [str(resolve_device(self.settings.device))]
+
+    def models_for(self, device: str | None):
+        """The model cache of one device (each worker keeps its own model on its own GPU)."""
+        key = str(device or self.settings.device)
+        with self._caches_lock:
+            if key not in self._caches:
+                self._caches[key] = self._ModelCache()
+            return self._caches[key]
+
+    @property
+    def caches(self) -> dict:
+        with self._caches_lock:
+            return dict(self._caches)
 
     def config(self, job: JobSettings):
         return build_config(job.preset, job.overrides, seed=job.seed, method=job.method, model=job.model)
@@ -208,67 +265,91 @@ class Reconstructor:
 
         load_image(folder / job.input, self.config(job).matting)
 
-    def __call__(self, job: JobSettings, folder: Path, report: Report) -> None:
+    def __call__(self, job: JobSettings, folder: Path, report: Report, device: str | None = None) -> None:
         import torch
 
-        from ..pipeline import reconstruct
+        from ..pipeline import reconstruct, stable_diffusion_prior
 
+        device = device or self.settings.device
+        models = self.models_for(device)
+        on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
+        if on_gpu and ":" in str(device):
+            torch.cuda.set_device(torch.device(device))  # this worker thread's default GPU is its own
+        prior = (self.prior_factory(self.settings) if self.prior_factory is not None
+                 else stable_diffusion_prior(cache_dir=self.settings.cache_dir, models=models))
         try:
-            reconstruct(folder / job.input, folder, self.config(job), device=self.settings.device,
-                        prior=self.prior_factory(self.settings), report=report, resume=True)
+            reconstruct(folder / job.input, folder, self.config(job), device=device,
+                        prior=prior, report=report, resume=True)
         except BaseException as exc:
             if _is_cuda_oom(exc):
-                self.models.clear()  # give everything back; the next job loads the model again
+                models.clear()  # give everything back; the next job on this GPU loads the model again
             raise
         finally:
-            if torch.cuda.is_available():
+            if on_gpu:
                 torch.cuda.empty_cache()  # give the model's memory back between jobs (Blender shares the GPU)
 
-    def _stable_diffusion_prior(self, settings: ServerSettings):
-        from ..pipeline import stable_diffusion_prior
 
-        return stable_diffusion_prior(cache_dir=settings.cache_dir, models=self.models)
+class _Worker:
+    """One worker thread and its device; what it runs now and how a stop of that job ends."""
+
+    def __init__(self, index: int, device: str | None):
+        self.index, self.device = index, device
+        self.running: Job | None = None
+        self.cancel = threading.Event()
+        self.stop_state = CANCELLED  # what a stopped running job becomes: cancelled, or interrupted at shutdown
+        self.thread: threading.Thread | None = None
 
 
 class JobStore:
-    """Every job of one jobs folder: the FIFO queue, the worker thread and the records on disk."""
+    """Every job of one jobs folder: the FIFO queue, one worker thread per device and the records on disk.
 
-    def __init__(self, jobs_dir: Path, runner: Callable[[JobSettings, Path, Report], None], *,
-                 default_model: str | None = None):
+    `devices`: one worker per entry ("cuda:0", "cuda:1", "cpu"; the same device may be listed twice);
+    each hands its device to the runner as `device=` (when the runner takes that argument). None: one
+    worker, and the runner picks its own device."""
+
+    def __init__(self, jobs_dir: Path, runner: Callable[..., None], *,
+                 default_model: str | None = None, devices: list[str | None] | None = None):
         self.jobs_dir = Path(jobs_dir)
         OutputDir(self.jobs_dir)  # created and checked writable, with the engine's clear error if not
         self.runner = runner
         self.default_model = default_model
+        devices = list(devices) if devices is not None else [None]
+        if not devices:
+            raise DeviceError("The job server was given no device to run jobs on.",
+                              "Start it with --gpus all, --gpus cpu or GPU indices such as --gpus 0,1.")
+        self._workers = [_Worker(i, device) for i, device in enumerate(devices)]
+        self._runner_takes_device = _takes_device(runner)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
-        self._running: Job | None = None
-        self._cancel = threading.Event()
-        self._stop_state = CANCELLED  # what a stopped running job becomes: cancelled, or interrupted at shutdown
         self._stopping = False
         self._versions: dict[str, int] = {}
-        self._thread: threading.Thread | None = None
         self._load()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._work, name="realfusion-jobs", daemon=True)
-            self._thread.start()
+        self._stopping = False
+        for worker in self._workers:
+            if worker.thread is None:
+                name = f"realfusion-jobs-{worker.index}" + (f"-{worker.device}" if worker.device else "")
+                worker.thread = threading.Thread(target=self._work, args=(worker,), name=name, daemon=True)
+                worker.thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the worker; a running job stops at its next step and is left "interrupted"."""
+        """Stop the workers; running jobs stop at their next step and are left "interrupted"."""
         with self._lock:
             self._stopping = True
-            if self._running is not None:
-                self._stop_state = INTERRUPTED
-                self._cancel.set()
+            for worker in self._workers:
+                if worker.running is not None:
+                    worker.stop_state = INTERRUPTED
+                    worker.cancel.set()
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            if worker.thread is not None:
+                worker.thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                worker.thread = None
 
     @property
     def stopping(self) -> bool:
@@ -330,8 +411,22 @@ class JobStore:
         return len(self._queue)
 
     def running_id(self) -> str | None:
-        running = self._running
-        return running.id if running else None
+        """The id of a running job (the first worker's that has one), or None."""
+        ids = self.running_ids()
+        return ids[0] if ids else None
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return [w.running.id for w in self._workers if w.running is not None]
+
+    def workers(self) -> list[dict]:
+        """[{"device", "running"}] per worker thread, in order."""
+        with self._lock:
+            return [{"device": w.device, "running": w.running.id if w.running else None} for w in self._workers]
+
+    @property
+    def devices(self) -> list[str | None]:
+        return [w.device for w in self._workers]
 
     def cancel(self, job_id: str) -> Job:
         """A queued job leaves the queue; a running one stops at its next step. Finished jobs are left as they are."""
@@ -341,10 +436,12 @@ class JobStore:
                 self._queue.remove(job_id)
                 self._finish(job, CANCELLED, "Cancelled before it started")
                 self._write_folder_status(job)
-            elif job.state == RUNNING and self._running is job:
-                self._stop_state = CANCELLED
-                self._cancel.set()
-                self._touch(job, message="Cancelling at the next step")
+            elif job.state == RUNNING:
+                worker = next((w for w in self._workers if w.running is job), None)
+                if worker is not None:
+                    worker.stop_state = CANCELLED
+                    worker.cancel.set()
+                    self._touch(job, message="Cancelling at the next step")
         return job
 
     def resume(self, job_id: str) -> Job:
@@ -376,7 +473,7 @@ class JobStore:
 
     # ------------------------------------------------------------------ the worker
 
-    def _work(self) -> None:
+    def _work(self, worker: _Worker) -> None:
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
@@ -384,26 +481,36 @@ class JobStore:
                 if self._stopping:
                     return
                 job = self._jobs[self._queue.popleft()]
-                self._running = job
-                self._cancel.clear()
-                self._stop_state = CANCELLED
+                worker.running = job
+                worker.cancel.clear()
+                worker.stop_state = CANCELLED
                 job.stage, job.step, job.total, job.progress = "", 0, 0, 0.0
-                self._touch(job, state=RUNNING, message="Starting")
+                self._touch(job, state=RUNNING, device=worker.device, message="Starting")
                 self._persist(job)
-            log.info("job %s started", job.id)
-            self._run(job)
+            log.info("job %s started%s", job.id, f" on {worker.device}" if worker.device else "")
+            try:
+                self._run(job, worker)
+            except BaseException:  # never leave the job "running" nor the worker's slot taken
+                log.exception("job %s: worker %s failed", job.id, worker.index)
+                with self._lock:
+                    if worker.running is job:
+                        worker.running = None
+                        self._finish(job, *self._internal_error(job, RuntimeError("the worker failed")))
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, worker: _Worker) -> None:
         def report(progress) -> None:
-            if self._cancel.is_set():
+            if worker.cancel.is_set():
                 raise JobCancelled()
             self._on_progress(job, progress)
 
         state, message, error = DONE, "Done", None
         try:
-            self.runner(job.settings, self.jobs_dir / job.id, report)
+            if self._runner_takes_device:
+                self.runner(job.settings, self.jobs_dir / job.id, report, device=worker.device)
+            else:
+                self.runner(job.settings, self.jobs_dir / job.id, report)
         except JobCancelled:
-            state = self._stop_state
+            state = worker.stop_state
             message = ("Cancelled; its last checkpoint is kept" if state == CANCELLED
                        else "Stopped with the server; resume it to go on from its last checkpoint")
         except EngineError as exc:
@@ -416,7 +523,7 @@ class JobStore:
             else:
                 state, message, error = self._internal_error(job, exc)
         with self._lock:
-            self._running = None
+            worker.running = None
             self._finish(job, state, message, error)
             if state in (CANCELLED, INTERRUPTED):
                 self._write_folder_status(job)  # the pipeline wrote "failed"; say what really happened
@@ -448,7 +555,7 @@ class JobStore:
 
     def _enqueue(self, job: Job, message: str = "Waiting for its turn") -> None:
         self._queue.append(job.id)
-        self._touch(job, state=QUEUED, message=message)
+        self._touch(job, state=QUEUED, device=None, message=message)
         self._persist(job)
         self._lock.notify_all()
 
@@ -508,6 +615,15 @@ class JobStore:
                                                    "resume it to go on from its last checkpoint")
                     self._write_folder_status(job)  # the folder's status.json still says "running"
             self._jobs[job.id] = job
+
+
+def _takes_device(runner: Callable) -> bool:
+    """Whether the runner accepts `device=` (Reconstructor does; simple test runners may not)."""
+    try:
+        params = inspect.signature(runner).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "device" or p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _image_extension(data: bytes, filename: str) -> str:

@@ -58,6 +58,8 @@ class JobOut(BaseModel):
     files: dict[str, str] = Field(description="result file name -> URL path, for the files present")
     metrics: dict[str, float] = Field(description="losses of the last fit step")
     queue_position: Optional[int] = Field(None, description="0 for the next job to run; null unless queued")
+    device: Optional[str] = Field(None, description="the worker's device (cuda:0, cpu) running it; the last one "
+                                                    "after it ends; null while queued")
     settings: JobSettingsOut
 
 
@@ -71,6 +73,13 @@ class GpuMemory(BaseModel):
     used_by_server_bytes: int = Field(description="memory torch holds in this server process")
 
 
+class WorkerOut(BaseModel):
+    device: str = Field(description="cuda:0, cuda:1, ... or cpu")
+    gpu: Optional[str] = Field(None, description="the GPU's name; null on CPU")
+    running: Optional[str] = Field(None, description="id of the job it runs now")
+    model_loaded: Optional[str] = Field(None, description="the model kept loaded on this device")
+
+
 class Health(BaseModel):
     ok: bool
     version: str
@@ -80,7 +89,8 @@ class Health(BaseModel):
     presets: list[str]
     model: str
     queue: int = Field(description="jobs waiting to start")
-    running: Optional[str] = Field(None, description="id of the running job")
+    running: Optional[str] = Field(None, description="id of a running job (the first worker's)")
+    workers: list[WorkerOut] = Field(default_factory=list, description="one per device (--gpus); one job each")
     model_loaded: bool = Field(False, description="a Stable Diffusion model is loaded and kept for the next job")
     loaded_model: Optional[str] = Field(None, description="id or folder of the loaded model")
     model_loads: int = Field(0, description="times a model was loaded since the server started")
