@@ -28,6 +28,7 @@ from engine.config import CameraConfig, ExportConfig, ReconstructionConfig, Rend
 from engine.errors import ExportError
 from engine.export import export_field
 from engine.export.mesh import Outline, extract_surface
+from engine.harness.evaluate import load_exported_mesh
 from engine.export.placement import Placement, euler_xyz
 from engine.renderer import VolumeRenderer
 from mesh_render import psnr, render_mesh
@@ -67,18 +68,13 @@ class Loaded:
 
 
 def load_glb(folder: Path) -> Loaded:
-    scene = trimesh.load(folder / "mesh.glb")
-    (geometry,) = scene.geometry.values()
-    camera = json.loads((folder / "camera.json").read_text())
-    vertices = np.asarray(geometry.vertices) @ Y_UP_TO_Z_UP.T
+    """The GLB read back through the evaluator's loader (the one `realfusion eval` uses)."""
+    exported = load_exported_mesh(folder)
+    camera = exported.camera
     placement = Placement(camera["object"]["scale"], np.array(camera["object"]["translation"]))
-    uv, texture = None, None
-    if isinstance(geometry.visual, trimesh.visual.TextureVisuals) and geometry.visual.uv is not None:
-        uv = np.asarray(geometry.visual.uv, np.float64).copy()
-        uv[:, 1] = 1.0 - uv[:, 1]  # trimesh flips glTF's v on load
-        texture = np.asarray(geometry.visual.material.baseColorTexture.convert("RGB"), np.float64) / 255.0
-    return Loaded(vertices, placement.invert(vertices), np.asarray(geometry.faces), uv, texture,
-                  trimesh.Trimesh(vertices, geometry.faces, process=False), camera)
+    vertices = placement.apply(exported.vertices)
+    return Loaded(vertices, exported.vertices, exported.faces, exported.uv, exported.texture,
+                  trimesh.Trimesh(vertices, exported.faces, process=False), camera)
 
 
 @pytest.fixture(scope="module")
