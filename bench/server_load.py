@@ -27,6 +27,15 @@ from test_cli import TINY  # noqa: E402
 from tiny_sd import build_tiny_stable_diffusion  # noqa: E402
 
 
+
+def run_concurrently(target, count: int) -> None:
+    """Call target(0), ..., target(count - 1) each in its own thread and wait for all of them."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -72,11 +81,7 @@ def main() -> int:
                     assert call(c, "GET", f"/jobs/{job['id']}")[0] == 200
                     counts[i] += 1
 
-            threads = [threading.Thread(target=poll, args=(i,)) for i in range(clients)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_concurrently(poll, clients)
             results[f"status_rps_{clients}_clients"] = round(sum(counts) / args.seconds, 1)
         step_before = call(conn, "GET", f"/jobs/{job['id']}")[1]["step"]
 
@@ -94,11 +99,7 @@ def main() -> int:
                         counts[i] += 1
                 c.close()
 
-            threads = [threading.Thread(target=listen, args=(i,)) for i in range(streams)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            run_concurrently(listen, streams)
             results[f"sse_events_per_s_{streams}_streams"] = round(sum(counts) / args.seconds, 1)
         job = call(conn, "GET", f"/jobs/{job['id']}")[1]
         results["fit_steps_per_s_during_load"] = round((job["step"] - step_before) / (2 * args.seconds), 2)

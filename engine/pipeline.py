@@ -56,6 +56,12 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def _load_stable_diffusion(model: str, device, dtype: str):
+    from .guidance import load_stable_diffusion  # imported late: commands without a prior stay light
+
+    return load_stable_diffusion(model, device, dtype)
+
+
 class ModelCache:
     """Loaded Stable Diffusion models kept between reconstructions (the server's worker), keyed by
     (model id, device, dtype). Holds one model at a time: asking for another frees the previous one.
@@ -80,12 +86,7 @@ class ModelCache:
                 self._key, self._model = None, None  # free the old one before loading the new one
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                if self._loader is None:
-                    from .guidance import load_stable_diffusion
-
-                    self._model = load_stable_diffusion(model, device, dtype)
-                else:
-                    self._model = self._loader(model, device, dtype)
+                self._model = (self._loader or _load_stable_diffusion)(model, device, dtype)
                 self._key = key
                 self.loads += 1
             return self._model
