@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model", help="Stable Diffusion hub id or local folder (default: the preset's, SD 1.5)")
     rec.add_argument("--method", choices=METHODS, default="realfusion")
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--initializer", metavar="WORD",
+                     help="a word naming the object (bird, mug, ...): textual inversion starts its token there "
+                          "(default: object)")
     rec.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo: reconstruct a bundled synthetic object with the "
                                             "oracle prior (no weights needed), export it and score it")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
-    demo.add_argument("--object", default="figure", help="which bundled object: box, mug or figure")
+    demo.add_argument("--object", default="figure", help="which bundled object: box, mug, figure or bird")
     demo.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
@@ -86,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args):
-    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model)
+    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model,
+                        initializer=args.initializer)
 
 
 class StageBars:

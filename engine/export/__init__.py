@@ -28,7 +28,7 @@ from ..errors import ExportError
 from ..outputs import STATUS_FILE, OutputDir, atomic_write_bytes, atomic_write_json, to_uint8
 from ..pipeline import FIELD_FILE, Progress, ProgressCallback, resolve_device
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
-from .mesh import DensityField, Outline, extract_surface
+from .mesh import DensityField, Outline, extract_surface, object_bound
 from .placement import Placement, camera_description
 from .texture import albedo_at, bake_albedo, unwrap
 
@@ -86,12 +86,19 @@ def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch
                           "Run `realfusion reconstruct IMAGE -o FOLDER` first and export that folder.")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     from ..fields.radiance_field import RadianceField
+    from ..renderer import OccupancyGrid, OccupiedField
 
     try:
         state = torch.load(path, map_location=dev, weights_only=False)
         run_cfg = ReconstructionConfig.from_dict(state["config"])
         field = RadianceField(run_cfg.field).to(dev)
         field.load_state_dict(state["field"])
+        if state.get("occupancy") is not None:
+            render = run_cfg.render
+            grid = OccupancyGrid(render.occupancy_resolution, run_cfg.field.bound, render.occupancy_decay,
+                                 render.occupancy_threshold).to(dev)
+            grid.load_state_dict(state["occupancy"])
+            field = OccupiedField(field, grid)
     except Exception as exc:  # a torn or foreign file: say which, not a traceback
         raise ExportError(f"{path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).",
                           "Run `realfusion reconstruct` again into this folder to write it anew.") from exc
@@ -144,8 +151,8 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
         report(Progress("export", STEPS.index(step) + 1, len(STEPS)))
 
     report(Progress("export", 0, len(STEPS)))
-    surface = extract_surface(field, bound, cfg.resolution, cfg.max_faces, cfg.min_component_fraction, device,
-                              progress, outline)
+    surface = extract_surface(field, object_bound(field, bound, device), cfg.resolution, cfg.max_faces,
+                              cfg.min_component_fraction, device, progress, outline)
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
     if cfg.vertex_colors:
