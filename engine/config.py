@@ -144,8 +144,20 @@ class ExportConfig:
 
 
 @dataclass
+class ConRadConfig:
+    """ConRad's image-constrained field (`--method conrad`, engine/fields/constrained.py): points on or in front
+    of the visible surface take the photo's color. The surface depth is estimated from the field itself."""
+
+    delta: float = 0.03  # margin behind the estimated surface depth that still takes the photo's color (world units)
+    depth_threshold: float = 0.05  # the surface is where a reference ray's normalised transmittance falls to this
+    depth_refresh_every: int = 10  # re-estimate the surface depth from the field every N fit iterations
+    depth_resolution: int = 0  # pixels a side of the depth map during the fit (0: render.ref_resolution)
+    depth_samples: int = 0  # samples per reference ray for the depth (0: 2 x render.num_samples)
+
+
+@dataclass
 class ReconstructionConfig:
-    method: str = "realfusion"
+    method: str = "realfusion"  # realfusion or conrad (engine/methods)
     seed: int = 0
     matting: MattingConfig = _section(MattingConfig)
     prior: PriorConfig = _section(PriorConfig)
@@ -156,6 +168,7 @@ class ReconstructionConfig:
     loss: LossConfig = _section(LossConfig)
     fit: FitConfig = _section(FitConfig)
     export: ExportConfig = _section(ExportConfig)
+    conrad: ConRadConfig = _section(ConRadConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

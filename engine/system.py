@@ -1,4 +1,7 @@
-"""The system: RealFusion's training loop over field, renderer and guidance.
+"""The system: the one training loop over field, renderer and guidance, shared by every method.
+
+A method (engine/methods: RealFusion, ConRad) picks which field the loop renders, which loss terms
+count and what runs on its schedule; the loop itself is the same for all.
 
 Each iteration renders (a) the fixed reference view, scored against the photo
 and its mask, and (b) a random view, scored by the prior (SDS), plus the
@@ -19,6 +22,7 @@ from . import losses
 from .cameras import Cameras, reference_camera, sample_random_cameras
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
+from .methods import method_for
 from .renderer import Lighting, RenderOutput, VolumeRenderer, light_directions_near
 
 
@@ -37,14 +41,18 @@ class ReferenceView:
 
     rgb: torch.Tensor  # [H,W,3] in [0,1]
     mask: torch.Tensor  # [H,W] in [0,1]
+    # the photo at its own size (ConRad samples its colors from it); None: the same as rgb / mask
+    photo_rgb: torch.Tensor | None = None
+    photo_mask: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(cls, rgb, mask, resolution: int, device) -> "ReferenceView":
-        rgb_t = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
-        mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-        rgb_t = F.interpolate(rgb_t, size=(resolution, resolution), mode="area")
-        mask_t = F.interpolate(mask_t, size=(resolution, resolution), mode="area")
-        return cls(rgb_t[0].permute(1, 2, 0).to(device), mask_t[0, 0].to(device))
+        photo_rgb = torch.as_tensor(rgb, dtype=torch.float32)
+        photo_mask = torch.as_tensor(mask, dtype=torch.float32)
+        rgb_t = F.interpolate(photo_rgb.permute(2, 0, 1)[None], size=(resolution, resolution), mode="area")
+        mask_t = F.interpolate(photo_mask[None, None], size=(resolution, resolution), mode="area")
+        return cls(rgb_t[0].permute(1, 2, 0).to(device), mask_t[0, 0].to(device), photo_rgb.to(device),
+                   photo_mask.to(device))
 
 
 class ExponentialMovingAverage:
@@ -70,6 +78,8 @@ class ExponentialMovingAverage:
 
 
 class RealFusionSystem:
+    """The shared loop; `cfg.method` names the method it runs (engine.methods.METHODS)."""
+
     def __init__(self, cfg: ReconstructionConfig, reference: ReferenceView, guidance: Guidance,
                  device: torch.device, seed: int = 0):
         self.cfg = cfg
@@ -85,6 +95,7 @@ class RealFusionSystem:
         self.step = 0
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
+        self.method = method_for(cfg.method)(self)  # last: it may wrap the field built above
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.field, self.background) if m is not None]
@@ -120,16 +131,18 @@ class RealFusionSystem:
     def training_step(self) -> dict[str, float]:
         cfg = self.cfg
         self.field.set_active_levels(self.active_levels(self.step))
+        self.method.before_step()
+        weights = self.method.loss_weights(cfg.loss)
         terms: dict[str, torch.Tensor] = {}
 
-        if cfg.loss.image > 0 or cfg.loss.mask > 0:
+        if weights["image"] > 0 or weights["mask"] > 0:
             if self.step % cfg.fit.ref_view_every == 0:
                 terms.update(self._reference_terms())
 
-        if cfg.loss.sds > 0:
+        if weights["sds"] > 0:
             terms.update(self._prior_terms())
 
-        total = sum(getattr(cfg.loss, name) * value for name, value in terms.items())
+        total = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         finite = bool(torch.isfinite(total)) and all(
@@ -151,8 +164,8 @@ class RealFusionSystem:
         return report
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:
-        out = self.renderer.render(self.field, self.background, self.ref_camera, shading="albedo",
-                                   with_normals=False, stratified=True)
+        out = self.renderer.render(self.method.training_field(), self.background, self.ref_camera,
+                                   shading="albedo", with_normals=False, stratified=True)
         return {
             "image": losses.reference_image_loss(out.rgb[0], out.background[0], self.reference.rgb,
                                                  self.reference.mask),
@@ -164,8 +177,8 @@ class RealFusionSystem:
         cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator, self.device)
         shading = self.choose_shading(self.step)
         light = light_directions_near(cameras, self.generator)
-        out = self.renderer.render(self.field, self.background, cameras, shading=shading, light_dir=light,
-                                   with_normals=True, stratified=True)
+        out = self.renderer.render(self.method.training_field(), self.background, cameras, shading=shading,
+                                   light_dir=light, with_normals=True, stratified=True)
         lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
         background = out.background.permute(0, 3, 1, 2).detach()
         guided = self.guidance.sds_loss(out.image(), cameras, lighting, background)  # t ~ U(t_range), as the paper
@@ -190,6 +203,7 @@ class RealFusionSystem:
             field = self.ema.shadow[0]
             background = self.ema.shadow[1] if self.background is not None else None
         field.level_mask.copy_(self.field.level_mask)
+        field = self.method.display_field(field)
         light = light_directions_near(cameras, spread=0.0) if shading != "albedo" else None
         outputs = [
             self.renderer.render(field, background, cameras[i], shading=shading,
@@ -217,6 +231,7 @@ class RealFusionSystem:
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
             "generator": self.generator.get_state(),
+            "method": self.method.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -228,4 +243,7 @@ class RealFusionSystem:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
+        self.method.load_state_dict(state.get("method") or {})
 
+
+ReconstructionSystem = RealFusionSystem  # the loop is every method's, not RealFusion's alone

@@ -155,7 +155,7 @@ def test_health_describes_the_engine(server, tiny_sd_dir):
     assert status == 200
     assert health["ok"] is True and health["version"] == engine.__version__
     assert health["device"] == "cpu" and health["gpu"] is None
-    assert health["methods"] == ["realfusion"] and health["presets"] == ["fast", "standard", "paper"]
+    assert health["methods"] == ["realfusion", "conrad"] and health["presets"] == ["fast", "standard", "paper"]
     assert health["model"] == str(tiny_sd_dir) and isinstance(health["queue"], int)
     assert [(w["device"], w["gpu"]) for w in health["workers"]] == [("cpu", None)]  # --device cpu: one worker
 

@@ -26,7 +26,9 @@ from ..cameras import Cameras, reference_camera
 from ..config import ExportConfig, ReconstructionConfig
 from ..errors import ExportError
 from ..outputs import STATUS_FILE, OutputDir, atomic_write_bytes, atomic_write_json, to_uint8
-from ..pipeline import FIELD_FILE, Progress, ProgressCallback, resolve_device
+from ..device import resolve_device
+from ..field_file import FIELD_FILE, load_field
+from ..progress import Progress, ProgressCallback
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
 from .mesh import DensityField, Outline, extract_surface
 from .placement import Placement, camera_description
@@ -85,17 +87,11 @@ def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch
         raise ExportError(f"There is no {FIELD_FILE} in {outdir}, so nothing to export.",
                           "Run `realfusion reconstruct IMAGE -o FOLDER` first and export that folder.")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    from ..fields.radiance_field import RadianceField
-
     try:
-        state = torch.load(path, map_location=dev, weights_only=False)
-        run_cfg = ReconstructionConfig.from_dict(state["config"])
-        field = RadianceField(run_cfg.field).to(dev)
-        field.load_state_dict(state["field"])
+        field, run_cfg = load_field(path, dev)  # as its method draws it (ConRad: the constrained field)
     except Exception as exc:  # a torn or foreign file: say which, not a traceback
         raise ExportError(f"{path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).",
                           "Run `realfusion reconstruct` again into this folder to write it anew.") from exc
-    field.eval()
     export_cfg = dataclasses.replace(cfg or run_cfg.export, **changes)
     camera = reference_camera(run_cfg.camera, run_cfg.matting.image_size)
     result = export_field(field, run_cfg.field.bound, camera, outdir, export_cfg, device=dev, report=report,
