@@ -187,6 +187,14 @@ def test_job_runs_to_done_and_serves_its_results(server, done_job):
     assert status == 409 and refused["error"]["fix"]
 
 
+def test_a_conrad_job_runs_to_done(server, photo_b64, done_job):
+    status, job = server.call("POST", "/jobs", job_request(photo_b64, method="conrad"))
+    assert status == 201 and job["settings"]["method"] == "conrad", job
+    job = server.wait(job["id"], timeout=120)
+    assert job["state"] == "done", f"{job}\n{server.log_tail()}"
+    assert {"field.pt", "turntable.png"} <= set(job["files"])
+
+
 @pytest.mark.parametrize("change, status, words", [
     ({"image_png_base64": "not base64!"}, 400, "base64"),
     ({"image_png_base64": base64.b64encode(b"not a png").decode()}, 400, "could not be read"),
