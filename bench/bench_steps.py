@@ -125,7 +125,7 @@ def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper") -> dict:
     estimate_s = (0.6 * coarse + 0.4 * fine) * iterations / 1000
     return {"preset": preset_name, "backend": backend, "iterations": iterations,
             "ref_resolution": cfg.render.ref_resolution, "random_resolution": cfg.render.random_resolution,
-            "num_samples": cfg.render.num_samples, **results, "fit_estimate_s": round(estimate_s, 1),
+            "step_size": cfg.render.step_size, **results, "fit_estimate_s": round(estimate_s, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 

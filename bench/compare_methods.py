@@ -73,6 +73,8 @@ def run_one(out: Path, obj: str, preset: str, method: str, device: str, override
         "mesh_reference_iou": reference["mask_iou"],
         "novel_psnr": novel["psnr"], "novel_ssim": novel["ssim"],
         "fscore": geometry["fscore"], "chamfer": geometry["chamfer"],
+        # eval.json's own field scores (field_reference.png, at the fit's reference render size), where present
+        "field_reference_psnr_fit_size": (reference.get("field") or {}).get("psnr"),
         **field_reference_scores(out, device),
     })
     return row

@@ -7,11 +7,12 @@ with torchvision, which cannot be installed beside our torch, so here it is in p
 the geometry (rotation, resized crop) is one affine warp, sampled once, filled with white
 because the object sits on white.
 
-Differences from the official pipeline, on purpose: rotation fills with white instead of
-cropping into the rotated image by 5/6 (white fill on a white background leaves no visible
-border, and the object keeps its edges); color jitter is stronger (0.2/0.2/0.2/0.05 instead
-of 0.04 for all four); a crop larger than the image (scale > 1) zooms out, where
-torchvision would fall back to the whole image.
+Two sets of constants (`AUGMENTATIONS`): "official" follows the official pipeline (a rotated
+view is center-cropped to 5/6 of the output size from a 5/4 working size, i.e. zoomed in 1.5x;
+color jitter 0.04 for all four); "gentle" fills the rotation with white instead of zooming
+(white on a white background leaves no border, and the object keeps its edges) and jitters
+colors harder (0.2/0.2/0.2/0.05). In both, a crop larger than the image (scale > 1) zooms out,
+where torchvision would fall back to the whole image.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class AugmentationConfig:
     working_scale: float = 5 / 4  # resize to this x resolution before warping (official: 5/4)
     rotation_p: float = 0.75
     rotation_degrees: float = 10.0
+    rotation_zoom: float = 1.0  # a rotated view is zoomed in by this (official: (5/4) / (5/6) = 1.5)
     crop_scale: tuple[float, float] = (0.85, 1.15)  # crop area as a fraction of the image area
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio, as torchvision's default
     color_jitter_p: float = 0.75
@@ -44,6 +46,18 @@ class AugmentationConfig:
     flip_p: float = 0.5
 
 
+AUGMENTATIONS: dict[str, AugmentationConfig] = {
+    "official": AugmentationConfig(rotation_zoom=1.5, brightness=0.04, contrast=0.04, saturation=0.04, hue=0.04),
+    "gentle": AugmentationConfig(),
+}
+
+
+def augmentation_config(name: str) -> AugmentationConfig:
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentations {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    return AUGMENTATIONS[name]
+
+
 def augment(
     image: torch.Tensor, resolution: int, generator: torch.Generator, cfg: AugmentationConfig | None = None
 ) -> torch.Tensor:
@@ -52,7 +66,8 @@ def augment(
     image = resize_short_side(image, round(resolution * cfg.working_scale))
     warp = random_resized_crop(image.shape[-2:], cfg, generator)
     if _chance(cfg.rotation_p, generator):
-        warp = random_rotation(image.shape[-2:], cfg, generator) @ warp
+        zoom = torch.diag(torch.tensor([1.0 / cfg.rotation_zoom, 1.0 / cfg.rotation_zoom, 1.0]))
+        warp = random_rotation(image.shape[-2:], cfg, generator) @ zoom @ warp
     image = warp_over_white(image, warp, resolution)
     if _chance(cfg.color_jitter_p, generator):
         image = color_jitter(image, cfg, generator)

@@ -145,19 +145,48 @@ def sample_random_cameras(cfg: CameraConfig, batch: int, resolution: int, genera
                           device="cpu") -> Cameras:
     """Random views for the prior: radius, fovy, polar and azimuth in the configured ranges.
 
-    With probability `uniform_sphere_rate` the direction is uniform on the sphere's
-    band (polar sampled by its cosine), otherwise uniform in the polar angle, which
-    over-samples views from above and below as the official code does.
+    With probability `uniform_sphere_rate` the direction is uniform on the sphere's upper band
+    (polar from polar_range's start to `uniform_sphere_max_polar_deg`, sampled by its cosine),
+    otherwise uniform in the polar angle over the whole range, which over-samples views from
+    above and below: both as the official code does.
     """
     def uniform(low, high):
         return low + (high - low) * torch.rand(batch, generator=generator)
 
     polar_lo, polar_hi = (math.radians(v) for v in cfg.polar_range_deg)
+    sphere_hi = min(polar_hi, math.radians(cfg.uniform_sphere_max_polar_deg))
     on_sphere = torch.rand(batch, generator=generator) < cfg.uniform_sphere_rate
-    cos_polar = uniform(math.cos(polar_hi), math.cos(polar_lo))
+    cos_polar = uniform(math.cos(sphere_hi), math.cos(polar_lo))
     polar = torch.where(on_sphere, torch.arccos(cos_polar.clamp(-1, 1)), uniform(polar_lo, polar_hi))
     azimuth = torch.deg2rad(uniform(*cfg.azimuth_range_deg))
     radius = uniform(*cfg.radius_range)
     fovy = torch.deg2rad(uniform(*cfg.fovy_range_deg))
     c2w = look_at(spherical_to_position(polar, azimuth, radius))
     return Cameras(c2w, fovy, resolution, resolution, polar, azimuth).to(device)
+
+
+VIEWS = ("front", "side", "back", "overhead", "bottom")  # DreamFusion's direction words, as prompt suffixes
+
+
+def view_names(polar: torch.Tensor, azimuth: torch.Tensor, reference_azimuth_deg: float = 0.0,
+               front_angle_deg: float = 60.0, overhead_angle_deg: float = 30.0) -> list[str]:
+    """The direction word of each camera [B] (radians): overhead / bottom by the polar angle first, else
+    front / back / side by the azimuth relative to the reference view's (which shows the front).
+
+    The front and back bands are `front_angle_deg` wide, centered on the reference and on its opposite.
+    (The official code's front band is [0, 60) deg, off-center, which later stable-dreamfusion fixed.)
+    """
+    names = []
+    for p, a in zip(torch.rad2deg(polar).tolist(), torch.rad2deg(azimuth).tolist()):
+        turn = abs((a - reference_azimuth_deg + 180.0) % 360.0 - 180.0)  # 0 at the front, 180 behind
+        if p <= overhead_angle_deg:
+            names.append("overhead")
+        elif p >= 180.0 - overhead_angle_deg:
+            names.append("bottom")
+        elif turn < front_angle_deg / 2:
+            names.append("front")
+        elif turn > 180.0 - front_angle_deg / 2:
+            names.append("back")
+        else:
+            names.append("side")
+    return names

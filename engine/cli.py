@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--model", help="Stable Diffusion hub id or local folder (default: the preset's, SD 1.5)")
     rec.add_argument("--method", default="realfusion", help=f"how to reconstruct ({METHOD_HELP})")
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--initializer", metavar="WORD",
+                     help="a word naming the object (bird, mug, ...): textual inversion starts its token there "
+                          "(default: object)")
     rec.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     rec.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
@@ -35,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="offline demo: reconstruct a bundled synthetic object with the "
                                             "oracle prior (no weights needed), export it and score it")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
-    demo.add_argument("--object", default="figure", help="which bundled object: box, mug or figure")
+    demo.add_argument("--object", default="figure", help="which bundled object: box, mug, figure or bird")
     demo.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo")
     demo.add_argument("--method", default="realfusion", help=f"how to reconstruct ({METHOD_HELP})")
     demo.add_argument("--seed", type=int, default=0)
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def make_config(args):
     method_for(args.method)  # an unknown method is refused before any work, with the list of methods
     return build_config(args.preset, args.overrides, seed=args.seed, method=args.method,
-                        model=getattr(args, "model", None))
+                        model=getattr(args, "model", None), initializer=getattr(args, "initializer", None))
 
 
 class StageBars:

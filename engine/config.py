@@ -37,19 +37,32 @@ class PriorConfig:
     t_range: tuple[float, float] = (0.02, 0.98)
     weighting: str = "sds"  # w(t) = 1 - alpha_bar(t), as DreamFusion
     render_to_model_resolution: bool = True  # upsample renders to the VAE's native size
+    # View-dependent prompts (DreamFusion): ", front view" / ", side view" / ", back view" / ", overhead view" /
+    # ", bottom view" appended by the random camera's direction, against the Janus (many-faced) problem.
+    view_prompts: bool = True
+    # Use the direction's prompt on one step in N and the front one otherwise. The official RealFusion runs
+    # did this (N = 10) as a side effect of their camera-replacement option; 1 = every step (DreamFusion).
+    view_prompt_every: int = 1
+    front_angle_deg: float = 60.0  # azimuths within +-30 deg of the reference are "front", +-30 of behind "back"
+    overhead_angle_deg: float = 30.0  # polar angles below this are "overhead", above 180 - this "bottom"
 
 
 @dataclass
 class TextualInversionConfig:
     enabled: bool = True
     placeholder: str = "<e>"
-    initializer: str = "object"
+    initializer: str = "object"  # a word naming the object ("bird", "mug"): where <e> starts (--initializer)
     prompt: str = "an image of a {}"
     steps: int = 3000
     batch_size: int = 1
     grad_accumulation: int = 4
     learning_rate: float = 2e-3  # 5e-4 scaled by batch x accumulation, as the official code
+    weight_decay: float = 1e-2  # AdamW's, as the official code (which restores every other row after a step)
     resolution: int = 512  # augmentations are made at this size (the model's native one)
+    # Which augmentation constants (engine.augment.AUGMENTATIONS): "official" follows lukemelas/realfusion
+    # (rotation followed by a 5/6 center crop, i.e. a 1.5x zoom; color jitter 0.04); "gentle" fills the
+    # rotation with white instead of zooming (the object keeps its edges) and jitters colors harder (0.2).
+    augmentations: str = "official"
     cache: bool = True
 
 
@@ -60,36 +73,59 @@ class CameraConfig:
     ref_azimuth_deg: float = 0.0
     ref_radius: float = 1.8
     ref_fovy_deg: float = 55.0
-    # random views for the prior
-    radius_range: tuple[float, float] = (1.0, 1.5)
-    fovy_range_deg: tuple[float, float] = (40.0, 70.0)
+    # Random views for the prior. The official ranges are radius 1.0-1.5 and fovy 40-70 deg around a box of
+    # +-0.75. Our box is twice that (see FieldConfig.bound), so the cameras stand 2.4 times as far: the least
+    # multiple that keeps every one of them outside the space the reference view allows the object in (the
+    # box where it projects into the photo's frame; its back corners reach furthest: tested), with the focal
+    # length scaled alike (tan(fovy/2) / 2.4) so that they frame the object as the official views do.
+    radius_range: tuple[float, float] = (2.4, 3.6)
+    fovy_range_deg: tuple[float, float] = (17.247, 32.530)  # 2 atan(tan(20 deg) / 2.4), 2 atan(tan(35 deg) / 2.4)
     polar_range_deg: tuple[float, float] = (0.0, 120.0)
     azimuth_range_deg: tuple[float, float] = (-180.0, 180.0)
-    uniform_sphere_rate: float = 0.5  # half the views uniform on the sphere, half uniform in angles
+    # Half the views uniform on the sphere, half uniform in the angles (which over-samples the poles).
+    # As in the official code, the "uniform on the sphere" half comes from the upper hemisphere only
+    # (polar <= uniform_sphere_max_polar_deg): views from below are ones a diffusion model judges poorly.
+    uniform_sphere_rate: float = 0.5
+    uniform_sphere_max_polar_deg: float = 90.0
     jitter: bool = False
 
 
 @dataclass
 class FieldConfig:
-    bound: float = 0.75  # the field lives in [-bound, bound]^3
+    # The field lives in [-bound, bound]^3. Matting frames the object at 80 % of the reference view, so its
+    # extent across the view is about +-0.75 (the official box), but nothing in a photo limits its depth:
+    # an object twice as deep as wide, seen head-on, spans about +-1.2 along the view axis. +-1.5 holds
+    # objects up to about 2.4 times as deep as wide; the resolutions below are per box, so they are twice
+    # the official per-box figures to keep the official per-meter detail (finest 1536 over 1.5 units).
+    bound: float = 1.5
     n_levels: int = 16
     n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    finest_resolution: int = 2048
+    log2_hashmap_size: int = 19  # official 2^16 over a box of 1.5; 2^19 for eight times the volume
+    base_resolution: int = 32
+    finest_resolution: int = 3072
     hidden_dim: int = 64
     num_layers: int = 3
-    # DreamFusion's initial density bias, blob_density * (1 - |x| / blob_radius): an opaque ball at the
-    # center that fades out past blob_radius, so fitting starts from "an object in the middle".
+    # The official initial density bias (nerf/network_grid.py): blob_density * exp(-|x|^2 / (2 blob_radius^2)),
+    # a soft opaque ball at the center, so fitting starts from "an object in the middle"; never negative,
+    # so it does not fight the mask at the object's extremities.
     blob_density: float = 5.0
-    blob_radius: float = 0.5
+    blob_radius: float = 0.2
     backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else torch
     bg_hidden_dim: int = 32
 
 
 @dataclass
 class RenderConfig:
-    num_samples: int = 64  # samples per ray inside the bound
+    # Ray marching as the official code (stable-dreamfusion's CUDA marcher): fixed steps of step_size world
+    # units (2 sqrt(3) / 512: about 220 samples across the official box), samples in empty cells of the
+    # occupancy grid skipped, and samples behind a transmittance of min_transmittance dropped.
+    step_size: float = 0.006766  # 2 * sqrt(3) / 512
+    max_samples: int = 1024  # per ray, a cap that only very long rays through the box reach
+    min_transmittance: float = 1e-4  # samples behind this much remaining light are not evaluated
+    occupancy_resolution: int = 128  # cells per side of the occupancy grid over the box
+    occupancy_update_every: int = 16  # iterations between grid updates (the official code: 16)
+    occupancy_decay: float = 0.95  # each update keeps max(decay * old, new density), as the official code
+    occupancy_threshold: float = 10.0  # occupied: density above min(this, the grid's mean density)
     normal_epsilon: float = 1e-2  # finite-difference step for normals, in world units
     normal_min_weight: float = 1e-4  # normals only where a sample's compositing weight exceeds this
     ref_resolution: int = 128
@@ -97,18 +133,38 @@ class RenderConfig:
     albedo_only_fraction: float = 0.2  # first 1000 of 5000 iterations: albedo only
     shading_probs: tuple[float, float, float] = (0.2, 0.4, 0.4)  # albedo, lambertian, textureless afterwards
     ambient_ratio: float = 0.1
+    # Lit views: the light sits at the camera's position plus N(0, light_jitter^2) (official: N(0, 1) at radii
+    # 1-1.5; doubled with the radii).
+    light_jitter: float = 2.0
     background: str = "mlp"  # mlp (learned, from view direction) or white
 
 
 @dataclass
 class LossConfig:
+    # The prior's weight relative to the reference losses. Every official run used fp16 with a
+    # torch.cuda.amp.GradScaler, and applied SDS by `latents.backward(gradient=grad)` *outside* the scaled loss,
+    # so `scaler.step` divided the SDS gradient by the loss scale S while the other terms were unscaled back to
+    # their weights: SDS was effectively weighted sds / S, with S = 2^16 at the start, doubling every 2000
+    # overflow-free steps. Image 5, mask 0.5 and the rest were tuned under that attenuation. "gradscaler"
+    # reproduces it as an explicit schedule (S doubles every sds_scale_growth_fraction of the iterations: 2000
+    # of 5000); "constant" uses `sds` as it stands.
     sds: float = 1.0
+    sds_schedule: str = "gradscaler"
+    sds_initial_scale: float = 65536.0
+    sds_scale_growth_fraction: float = 0.4
     image: float = 5.0
     mask: float = 0.5
     normal_smooth_2d: float = 0.5
     normal_blur_kernel: int = 9
     entropy: float = 1e-4
     orientation: float = 1e-2
+
+    def sds_weight(self, step: int, iterations: int) -> float:
+        """The SDS term's effective weight at `step` of `iterations` (see `sds_schedule`)."""
+        if self.sds_schedule == "constant":
+            return self.sds
+        interval = max(1, round(self.sds_scale_growth_fraction * iterations))
+        return self.sds / (self.sds_initial_scale * 2.0 ** (step // interval))
 
 
 @dataclass
@@ -118,7 +174,12 @@ class FitConfig:
     grid_lr_multiplier: float = 10.0  # hash tables learn 10x faster, as InstantNGP / the official code
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
+    # The averaged weights that previews and the export use. Official: torch_ema updated once per 100-step
+    # epoch with its default warm-up, min(0.95, (1 + n) / (10 + n)) at the n-th update (0.85 by the end of
+    # 5000 steps): an average over the last ~700 steps. `standard` and `fast` average every step at 0.95.
     ema_decay: float = 0.95
+    ema_every: int = 100
+    ema_warmup: bool = True
     coarse_to_fine_fraction: float = 0.6  # first 60% (3000 of 5000) iterations with the top levels masked
     coarse_levels_masked: int = 8
     ref_view_every: int = 1  # reference-view losses every N iterations (the official code: every one)
@@ -152,7 +213,7 @@ class ConRadConfig:
     depth_threshold: float = 0.05  # the surface is where a reference ray's normalised transmittance falls to this
     depth_refresh_every: int = 10  # re-estimate the surface depth from the field every N fit iterations
     depth_resolution: int = 0  # pixels a side of the depth map during the fit (0: render.ref_resolution)
-    depth_samples: int = 0  # samples per reference ray for the depth (0: 2 x render.num_samples)
+    depth_samples: int = 128  # equal steps per reference ray, entry to exit of the box, for the depth
 
 
 @dataclass
@@ -198,11 +259,23 @@ def _from_dict(cls, data: dict):
 
 
 def _paper() -> ReconstructionConfig:
-    return ReconstructionConfig()
+    """What the official runs effectively did (shared/README.md), except where a comment says otherwise."""
+    cfg = ReconstructionConfig()
+    cfg.prior.view_prompt_every = 10  # their direction prompt on one step in ten, "front" on the others
+    return cfg
+
+
+def _ours(cfg: ReconstructionConfig) -> ReconstructionConfig:
+    """What `standard` and `fast` change from `paper` besides sizes: the direction's prompt on every step
+    (DreamFusion's remedy for the Janus problem) and augmentations that keep the whole object in view."""
+    cfg.prior.view_prompt_every = 1
+    cfg.textual_inversion.augmentations = "gentle"
+    cfg.fit.ema_every, cfg.fit.ema_warmup = 1, False
+    return cfg
 
 
 def _standard() -> ReconstructionConfig:
-    cfg = ReconstructionConfig()
+    cfg = _ours(ReconstructionConfig())
     cfg.textual_inversion.steps = 1500
     cfg.fit.iterations = 3000
     cfg.fit.preview_every = 200
@@ -210,14 +283,13 @@ def _standard() -> ReconstructionConfig:
 
 
 def _fast() -> ReconstructionConfig:
-    cfg = ReconstructionConfig()
+    cfg = _ours(ReconstructionConfig())
     cfg.textual_inversion.steps = 500
     cfg.textual_inversion.grad_accumulation = 1
     cfg.textual_inversion.batch_size = 4
     cfg.fit.iterations = 1200
     cfg.fit.preview_every = 100
     cfg.fit.checkpoint_every = 200
-    cfg.render.num_samples = 48
     cfg.render.random_resolution = 64
     cfg.render.ref_resolution = 96
     cfg.export.resolution = 192
@@ -228,7 +300,7 @@ def _fast() -> ReconstructionConfig:
 
 def _demo() -> ReconstructionConfig:
     """CPU-sized, for `realfusion demo`: the oracle prior needs no textual inversion."""
-    cfg = ReconstructionConfig()
+    cfg = _ours(ReconstructionConfig())
     cfg.matting.image_size = 256
     cfg.textual_inversion.enabled = False
     cfg.fit.iterations = 1000  # oracle on the figure: 29 dB novel views, silhouette IoU 0.98 (400: 21 dB, 0.95)
@@ -237,9 +309,12 @@ def _demo() -> ReconstructionConfig:
     cfg.fit.coarse_levels_masked = 2
     cfg.fit.turntable_resolution = 64
     cfg.field.n_levels = 8
-    cfg.field.log2_hashmap_size = 14
-    cfg.field.finest_resolution = 128
-    cfg.render.num_samples = 32
+    cfg.field.log2_hashmap_size = 15
+    cfg.field.finest_resolution = 256
+    # Four times the official step (about 110 steps across the box, 55 across the object) and a coarser
+    # occupancy grid: the CPU cost of a step is the samples it evaluates.
+    cfg.render.step_size = 4 * 0.006766
+    cfg.render.occupancy_resolution = 64
     cfg.render.random_resolution = 32
     cfg.render.ref_resolution = 48
     cfg.export.resolution = 128
@@ -266,14 +341,26 @@ def preset(name: str) -> ReconstructionConfig:
 
 
 def build_config(preset_name: str, overrides: list[str] = (), *, seed: int = 0, method: str = "realfusion",
-                 model: str | None = None) -> ReconstructionConfig:
-    """A preset with a seed, a method, an optional prior model and ``section.key=value`` overrides."""
+                 model: str | None = None, initializer: str | None = None) -> ReconstructionConfig:
+    """A preset with a seed, a method, an optional prior model, the word naming the object, and
+    ``section.key=value`` overrides."""
     cfg = preset(preset_name)
     cfg.seed = seed
     cfg.method = method
     if model:
         cfg.prior.model = model
+    if initializer and initializer.strip():
+        cfg.textual_inversion.initializer = check_initializer(initializer)
     return apply_overrides(cfg, list(overrides))
+
+
+def check_initializer(word: str) -> str:
+    """The word naming the object, as textual inversion's starting point: one plain word."""
+    word = word.strip()
+    if not word or len(word) > 40 or not all(c.isalpha() or c in "-'" for c in word):
+        raise ConfigError(f"The object name {word!r} is not one plain word.",
+                          "Name the object with one word, such as bird, mug or chair (or leave it empty).")
+    return word.lower()
 
 
 def apply_overrides(cfg: ReconstructionConfig, overrides: list[str]) -> ReconstructionConfig:

@@ -42,6 +42,6 @@ class ExportError(EngineError):
 class ConfigError(EngineError):
     exit_code = 2
 
-    def __init__(self, problem: str):
-        super().__init__(problem, "Use --set SECTION.KEY=VALUE with a key as written in config.json "
-                                  "(e.g. --set fit.iterations=500).")
+    def __init__(self, problem: str, fix: str | None = None):
+        super().__init__(problem, fix or "Use --set SECTION.KEY=VALUE with a key as written in config.json "
+                                         "(e.g. --set fit.iterations=500).")

@@ -30,6 +30,7 @@ def field_payload(system: "RealFusionSystem") -> dict:
         "field": field_ema.state_dict(),
         "background": rest[0].state_dict() if rest else None,
         "config": system.cfg.to_dict(),
+        "occupancy": system.occupancy.state_dict(),  # empty space as the renderer saw it: the export keeps it empty
         "step": system.step,
         "reference_camera": {"c2w": reference_camera(system.cfg.camera, 1).c2w[0].tolist(),
                              "fovy_deg": system.cfg.camera.ref_fovy_deg},
@@ -43,10 +44,17 @@ def load_field(path: Path, device: torch.device) -> tuple[torch.nn.Module, Recon
     Raises whatever reading fails with; the caller says which file and what to do.
     """
     from .fields.radiance_field import RadianceField
+    from .renderer import OccupancyGrid, OccupiedField
 
     state = torch.load(path, map_location=device, weights_only=False)
     cfg = ReconstructionConfig.from_dict(state["config"])
     field = RadianceField(cfg.field).to(device)
     field.load_state_dict(state["field"])
+    if state.get("occupancy") is not None:  # empty space as the renderer saw it: the export keeps it empty
+        render = cfg.render
+        grid = OccupancyGrid(render.occupancy_resolution, cfg.field.bound, render.occupancy_decay,
+                             render.occupancy_threshold).to(device)
+        grid.load_state_dict(state["occupancy"])
+        field = OccupiedField(field, grid)
     field = method_for(cfg.method).restore_field(field, state.get("method_state"), cfg).to(device)
     return field.eval(), cfg

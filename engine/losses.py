@@ -6,16 +6,20 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_image_loss(rgb: torch.Tensor, background: torch.Tensor, target_rgb: torch.Tensor,
-                         target_mask: torch.Tensor) -> torch.Tensor:
-    """MSE between the rendered reference view and the photo composited over the *rendered* background.
+def reference_image_loss(rgb: torch.Tensor, opacity: torch.Tensor, background: torch.Tensor,
+                         target_premultiplied: torch.Tensor) -> torch.Tensor:
+    """MSE between the rendered reference view and the photo, both premultiplied by their alpha.
 
-    rgb, background, target_rgb: [H,W,3]; target_mask: [H,W]. Compositing over the
-    field's own background means the image loss never asks the object to paint it.
+    rgb, background: [H,W,3] (the render composited over its background), opacity: [H,W],
+    target_premultiplied: [H,W,3] = the photo's own color times its mask. The render's own
+    color, without the background, is rgb - (1 - opacity) * background. Comparing premultiplied
+    colors is exact at a soft edge (a pixel half covered by color c is c/2 in both) and never asks
+    the object to paint the background; the mask loss sees to the opacity. The official code
+    compares (render over background) * mask with color * mask, which equals this inside the
+    object and mixes the background into its soft edges.
     """
-    mask = target_mask[..., None]
-    target = target_rgb * mask + background.detach() * (1.0 - mask)
-    return F.mse_loss(rgb, target)
+    own = rgb - (1.0 - opacity[..., None]) * background
+    return F.mse_loss(own, target_premultiplied)
 
 
 def mask_loss(opacity: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
@@ -53,6 +57,7 @@ def normal_smoothness_2d(normal_image: torch.Tensor, kernel_size: int) -> torch.
 
 
 def opacity_entropy(opacity: torch.Tensor) -> torch.Tensor:
-    """Binary entropy of pixel opacity: pushes every pixel to be clearly object or clearly background."""
+    """Binary entropy (in bits, as the official code) of pixel opacity: pushes every pixel to be clearly
+    object or clearly background."""
     a = opacity.clamp(1e-5, 1.0 - 1e-5)
-    return -(a * torch.log(a) + (1.0 - a) * torch.log(1.0 - a)).mean()
+    return -(a * torch.log2(a) + (1.0 - a) * torch.log2(1.0 - a)).mean()

@@ -23,6 +23,7 @@ from PIL import Image
 from .errors import OutputDirError
 
 STATUS_FILE = "status.json"
+FIELD_REFERENCE_FILE = "field_reference.png"  # the fitted field seen from the reference camera (RGBA)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

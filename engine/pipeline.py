@@ -13,12 +13,12 @@ from typing import Callable
 
 import torch
 
-from .cameras import orbit_cameras, turntable_cameras
+from .cameras import VIEWS, orbit_cameras, turntable_cameras
 from .config import ReconstructionConfig
 from .device import resolve_device  # noqa: F401  (re-exported: callers import it from here too)
 from .field_file import FIELD_FILE, field_payload
 from .matting import ReferenceImage, prepare_reference, save_reference
-from .outputs import OutputDir, atomic_torch_save, atomic_write_bytes, image_grid, save_png
+from .outputs import FIELD_REFERENCE_FILE, OutputDir, atomic_torch_save, atomic_write_bytes, image_grid, save_png
 from .progress import Progress, ProgressCallback  # noqa: F401  (re-exported)
 from .system import RealFusionSystem, ReferenceView
 
@@ -109,7 +109,10 @@ def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = No
             learned.save(out.file(EMBEDDING_FILE))
         prompt = ti.prompt.format(ti.placeholder if ti.enabled else ti.initializer)
         vector = None if learned is None else learned.vector.to(device)
-        embeddings = text_embeddings_for_guidance(sd, prompt, vector, token_id)
+        embeddings = {"default": text_embeddings_for_guidance(sd, prompt, vector, token_id)}
+        if cfg.prior.view_prompts:  # computed once: DreamFusion's direction suffixes
+            embeddings.update({view: text_embeddings_for_guidance(sd, f"{prompt}, {view} view", vector, token_id)
+                               for view in VIEWS})
         return StableDiffusionGuidance(sd, embeddings, cfg.prior)
 
     return make
@@ -143,6 +146,7 @@ def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, de
         out.set_status("running", "turntable")
         report(Progress("turntable"))
         save_turntable(system, out.file("turntable.png"))
+        save_field_reference(system, out.file(FIELD_REFERENCE_FILE))
         save_field(system, out.file(FIELD_FILE))
         mesh = {}
         if cfg.export.enabled:
@@ -205,6 +209,15 @@ def _color_and_normal_rows(system: RealFusionSystem, cameras):
     out = system.render(cameras, shading="albedo")
     normals = out.normal * 0.5 + 0.5 * out.opacity[..., None]  # [-1,1] -> [0,1] inside, black outside
     return image_grid([list(out.rgb), list(normals)])
+
+
+def save_field_reference(system: RealFusionSystem, path: Path) -> None:
+    """The averaged field from the reference camera at the fit's reference size, as an RGBA PNG (its own
+    colors and opacity): what `realfusion eval` scores the field itself by, beside the mesh."""
+    view = system.render(system.ref_camera, shading="albedo")
+    alpha = view.opacity[0, ..., None]
+    color = torch.where(alpha > 1e-3, (view.rgb[0] - (1.0 - alpha)) / alpha.clamp(min=1e-3), torch.ones_like(view.rgb[0]))
+    save_png(path, torch.cat([color.clamp(0, 1), alpha], -1))
 
 
 def save_field(system: RealFusionSystem, path: Path) -> None:

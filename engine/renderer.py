@@ -10,6 +10,7 @@ albedo (no lighting), lambertian (albedo times diffuse light) and textureless
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -86,31 +87,89 @@ def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.T
     raise ValueError(f"unknown shading {shading!r}; choose one of {SHADINGS}")
 
 
+class OccupancyGrid(torch.nn.Module):
+    """Which cells of the box may hold density: the official density grid (stable-dreamfusion, one cascade).
+
+    Every `update` evaluates the field once per cell (at a random point inside it), keeps
+    max(decay * old, new) per cell, and marks occupied the cells above min(threshold, mean density).
+    Until the first update every cell counts as occupied.
+    """
+
+    def __init__(self, resolution: int, bound: float, decay: float = 0.95, threshold: float = 10.0):
+        super().__init__()
+        self.resolution, self.bound, self.decay, self.threshold = resolution, bound, decay, threshold
+        self.register_buffer("density", torch.full((resolution ** 3,), float("inf")))
+        self.register_buffer("occupied", torch.ones(resolution ** 3, dtype=torch.bool))
+
+    def cell_index(self, points: torch.Tensor) -> torch.Tensor:
+        """Flat cell index [N] of world points [N,3] (points outside the box go to the nearest cell)."""
+        r = self.resolution
+        cell = ((points + self.bound) / (2.0 * self.bound) * r).floor().long().clamp(0, r - 1)
+        return (cell[:, 0] * r + cell[:, 1]) * r + cell[:, 2]
+
+    def is_occupied(self, points: torch.Tensor) -> torch.Tensor:
+        return self.occupied[self.cell_index(points)]
+
+    @torch.no_grad()
+    def update(self, density_fn, generator: torch.Generator | None = None, chunk: int = 1 << 18) -> None:
+        r, device = self.resolution, self.density.device
+        cells = torch.arange(r ** 3, device=device)
+        ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1).float()
+        jitter = torch.rand(ijk.shape, generator=generator).to(device)
+        points = (ijk + jitter) / r * (2.0 * self.bound) - self.bound
+        fresh = torch.cat([density_fn(points[i:i + chunk]).float().reshape(-1) for i in range(0, len(points), chunk)])
+        old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
+        self.density.copy_(torch.maximum(old * self.decay, torch.nan_to_num(fresh, nan=0.0)))
+        threshold = min(float(self.density.mean()), self.threshold)
+        self.occupied.copy_(self.density > threshold)
+
+    @property
+    def occupied_fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+
+class OccupiedField(torch.nn.Module):
+    """A field as the renderer sees it through an occupancy grid: no density in the grid's empty cells.
+    The export meshes this, so what was rendered (and fitted) is what becomes the mesh."""
+
+    def __init__(self, field: torch.nn.Module, occupancy: OccupancyGrid):
+        super().__init__()
+        self.field, self.occupancy = field, occupancy
+
+    def density(self, x: torch.Tensor) -> torch.Tensor:
+        return self.field.density(x) * self.occupancy.is_occupied(x)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sigma, albedo = self.field(x)
+        return sigma * self.occupancy.is_occupied(x), albedo
+
+
 class VolumeRenderer:
+    """Fixed-step ray marching through the box, as the official CUDA marcher: samples every `step_size`
+    (jittered per ray while training), those in empty occupancy cells skipped, those behind a transmittance
+    of `min_transmittance` dropped. Only the remaining samples are evaluated with gradients."""
+
     def __init__(self, cfg: RenderConfig, bound: float):
         self.cfg = cfg
         self.bound = bound
 
     def render(self, field: "RadianceField", background: "BackgroundField | None", cameras: Cameras,
                shading: str = "albedo", light_dir: torch.Tensor | None = None, with_normals: bool = True,
-               ambient: float | None = None, stratified: bool = False) -> RenderOutput:
+               ambient: float | None = None, stratified: bool = False,
+               occupancy: OccupancyGrid | None = None) -> RenderOutput:
         """Render every pixel of every camera. `light_dir` is [B,3] (toward the light) for lit shadings."""
         origins, dirs = cameras.rays()
         batch, height, width = origins.shape[:3]
         origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
         rays_per_view = height * width
 
-        near, far = intersect_box(origins, dirs, self.bound)
-        hit = far > near
-        far = torch.where(hit, far, near + 1e-3)
-        steps = self._sample_positions(near.shape[0], origins.device, stratified)
-        t = near[:, None] + (far - near)[:, None] * steps  # [N,S]
-        deltas = torch.cat([t[:, 1:] - t[:, :-1], (far - t[:, -1])[:, None]], -1)
-        points = origins[:, None, :] + dirs[:, None, :] * t[..., None]  # [N,S,3]
-
-        sigma, albedo = field(points.reshape(-1, 3))
-        sigma = sigma.reshape(t.shape) * hit[:, None]
-        albedo = albedo.reshape(*t.shape, 3)
+        t, deltas, points, live = self._march(field, origins, dirs, stratified, occupancy)
+        sigma = torch.zeros_like(t)
+        albedo = torch.zeros(*t.shape, 3, device=t.device, dtype=t.dtype)
+        if live.any():
+            live_sigma, live_albedo = field(points[live])
+            sigma = sigma.index_put((live,), live_sigma.to(t.dtype))
+            albedo = albedo.index_put((live,), live_albedo.to(t.dtype))
         weights = composite(sigma, deltas)  # [N,S]
 
         lit = shading != "albedo"
@@ -132,7 +191,8 @@ class VolumeRenderer:
         if normals is not None:
             normal_image = (weights[..., None] * normals).sum(-2)
             facing_away = (normals * dirs[:, None, :]).sum(-1).clamp(min=0.0)
-            orientation = (weights.detach() * facing_away**2).sum(-1).mean()
+            # the mean over the marched samples, as the official CUDA renderer's loss_orient
+            orientation = (weights.detach() * facing_away**2).sum() / live.sum().clamp(min=1)
 
         shape = (batch, height, width)
         return RenderOutput(
@@ -144,6 +204,33 @@ class VolumeRenderer:
             background=bg.reshape(*shape, 3),
         )
 
+    def _march(self, field: "RadianceField", origins: torch.Tensor, dirs: torch.Tensor, stratified: bool,
+               occupancy: OccupancyGrid | None):
+        """Sample distances t [N,S], segment lengths [N,S], points [N,S,3] and which samples to evaluate [N,S].
+
+        A first pass without gradients finds where each ray's transmittance runs out, so the second
+        (with gradients, in `render`) evaluates only the samples that can still change a pixel.
+        """
+        step = self.cfg.step_size
+        near, far = intersect_box(origins, dirs, self.bound)
+        hit = far > near
+        length = torch.where(hit, far - near, torch.zeros_like(far))
+        count = int(min(self.cfg.max_samples, max(1, math.ceil(float(length.max()) / step)) if len(length) else 1))
+        offset = torch.rand_like(near)[:, None] if stratified else torch.full_like(near, 0.5)[:, None]
+        t = near[:, None] + (torch.arange(count, device=near.device, dtype=near.dtype)[None] + offset) * step
+        inside = hit[:, None] & (t < far[:, None])
+        deltas = torch.full_like(t, step)
+        points = origins[:, None, :] + dirs[:, None, :] * t[..., None]
+        candidates = inside if occupancy is None else inside & occupancy.is_occupied(points.reshape(-1, 3)).view(t.shape)
+        if self.cfg.min_transmittance <= 0 or not candidates.any():
+            return t, deltas, points, candidates
+        with torch.no_grad():
+            sigma = torch.zeros_like(t)
+            sigma[candidates] = field.density(points[candidates]).to(t.dtype)
+            alpha = 1.0 - torch.exp(-sigma * deltas)
+            before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
+        return t, deltas, points, candidates & (before > self.cfg.min_transmittance)
+
     def _normals(self, field: "RadianceField", points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Normals [N,S,3] at the samples that contribute to a pixel, zero elsewhere.
 
@@ -153,15 +240,8 @@ class VolumeRenderer:
         normals = torch.zeros_like(points)
         visible = weights.detach() > self.cfg.normal_min_weight
         if visible.any():
-            normals[visible] = field.normals(points[visible], self.cfg.normal_epsilon)
+            normals = normals.index_put((visible,), field.normals(points[visible], self.cfg.normal_epsilon))
         return normals
-
-    def _sample_positions(self, n_rays: int, device, stratified: bool) -> torch.Tensor:
-        """Fractions in [0,1) along each ray: bin midpoints, or uniformly jittered within bins."""
-        n = self.cfg.num_samples
-        base = torch.arange(n, device=device, dtype=torch.float32) / n
-        offset = torch.rand(n_rays, n, device=device) if stratified else torch.full((n_rays, n), 0.5, device=device)
-        return base + offset / n
 
     @staticmethod
     def _background(background: "BackgroundField | None", dirs: torch.Tensor) -> torch.Tensor:
@@ -171,9 +251,9 @@ class VolumeRenderer:
 
 
 def light_directions_near(cameras: Cameras, generator: torch.Generator | None = None,
-                          spread: float = 0.5) -> torch.Tensor:
-    """Unit vectors [B,3] toward a light placed near each camera (DreamFusion), so lit sides face the view."""
+                          spread: float = 2.0) -> torch.Tensor:
+    """Unit vectors [B,3] toward a light at each camera's position plus N(0, spread^2) (DreamFusion),
+    so lit sides mostly face the view."""
     position = cameras.position
     jitter = torch.randn(position.shape, generator=generator).to(position.device) * spread
-    toward = position / position.norm(dim=-1, keepdim=True) + jitter
-    return F.normalize(toward, dim=-1)
+    return F.normalize(position + jitter, dim=-1)

@@ -19,31 +19,37 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .cameras import Cameras, reference_camera, sample_random_cameras
+from .cameras import Cameras, reference_camera, sample_random_cameras, view_names
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
 from .methods import method_for
-from .renderer import Lighting, RenderOutput, VolumeRenderer, light_directions_near
+from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near
 
 
 class Guidance(Protocol):
     """What the loop needs from a prior: a surrogate loss whose gradient is the prior's score."""
 
     def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None,
-                 background: torch.Tensor | None = None):
-        """images [B,3,H,W] in [0,1] rendered from `cameras` under `lighting` over `background` [B,3,H,W]
-        -> object with a scalar `.loss` whose gradient is the prior's."""
+                 background: torch.Tensor | None = None, views: list[str] | None = None):
+        """images [B,3,H,W] in [0,1] rendered from `cameras` under `lighting` over `background` [B,3,H,W],
+        with `views` naming each one's direction prompt -> object with a scalar `.loss` whose gradient is
+        the prior's."""
 
 
 @dataclass
 class ReferenceView:
     """The photo as the loop sees it: at the reference render size, on `device`."""
 
-    rgb: torch.Tensor  # [H,W,3] in [0,1]
+    rgb: torch.Tensor  # [H,W,3] in [0,1], the object over white
     mask: torch.Tensor  # [H,W] in [0,1]
     # the photo at its own size (ConRad samples its colors from it); None: the same as rgb / mask
     photo_rgb: torch.Tensor | None = None
     photo_mask: torch.Tensor | None = None
+
+    @property
+    def premultiplied(self) -> torch.Tensor:
+        """The object's own color times its mask [H,W,3]: over white, rgb = c m + (1 - m)."""
+        return (self.rgb - (1.0 - self.mask[..., None])).clamp(min=0.0)
 
     @classmethod
     def from_arrays(cls, rgb, mask, resolution: int, device) -> "ReferenceView":
@@ -56,25 +62,37 @@ class ReferenceView:
 
 
 class ExponentialMovingAverage:
-    """Shadow copy of the parameters; previews and exports use it, as the official code does."""
+    """Shadow copy of the parameters; previews and exports use it, as the official code does.
 
-    def __init__(self, modules: list[torch.nn.Module], decay: float):
-        self.decay = decay
+    `update()` is called every step and averages every `every` steps. With `warmup`, the n-th average
+    uses min(decay, (1 + n) / (10 + n)), as torch_ema does by default (the official code's EMA).
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float, every: int = 1, warmup: bool = False):
+        self.decay, self.every, self.warmup = decay, max(1, every), warmup
         self.modules = modules
         self.shadow = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+        self.calls = 0
+        self.updates = 0
 
     @torch.no_grad()
     def update(self) -> None:
+        self.calls += 1
+        if self.calls % self.every:
+            return
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        self.updates += 1
         for module, shadow in zip(self.modules, self.shadow):
             for p, s in zip(module.parameters(), shadow.parameters()):
-                s.lerp_(p.detach(), 1.0 - self.decay)
+                s.lerp_(p.detach(), 1.0 - decay)
 
-    def state_dict(self) -> list[dict]:
-        return [s.state_dict() for s in self.shadow]
+    def state_dict(self) -> dict:
+        return {"shadow": [s.state_dict() for s in self.shadow], "calls": self.calls, "updates": self.updates}
 
-    def load_state_dict(self, states: list[dict]) -> None:
-        for shadow, state in zip(self.shadow, states):
-            shadow.load_state_dict(state)
+    def load_state_dict(self, state: dict) -> None:
+        for shadow, shadow_state in zip(self.shadow, state["shadow"]):
+            shadow.load_state_dict(shadow_state)
+        self.calls, self.updates = state["calls"], state["updates"]
 
 
 class RealFusionSystem:
@@ -89,8 +107,11 @@ class RealFusionSystem:
         self.field = RadianceField(cfg.field).to(device)
         self.background = BackgroundField(cfg.field.bg_hidden_dim).to(device) if cfg.render.background == "mlp" else None
         self.renderer = VolumeRenderer(cfg.render, cfg.field.bound)
+        render = cfg.render
+        self.occupancy = OccupancyGrid(render.occupancy_resolution, cfg.field.bound, render.occupancy_decay,
+                                       render.occupancy_threshold).to(device)
         self.optimizer = self._make_optimizer()
-        self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay)
+        self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay, cfg.fit.ema_every, cfg.fit.ema_warmup)
         self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible
         self.step = 0
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
@@ -128,20 +149,42 @@ class RealFusionSystem:
 
     # --- one iteration ---------------------------------------------------------------------------
 
-    def training_step(self) -> dict[str, float]:
+    def loss_weights(self, step: int) -> dict[str, float]:
+        """Each term's weight at `step`: the config's, with SDS's effective schedule (`LossConfig.sds_schedule`)."""
+        loss = self.cfg.loss
+        weights = {name: getattr(loss, name) for name in ("image", "mask", "normal_smooth_2d", "entropy", "orientation")}
+        weights["sds"] = loss.sds_weight(step, self.cfg.fit.iterations)
+        return self.method.loss_weights(weights)  # the method's choice of terms (ConRad: no color image loss)
+
+    def prompt_views(self, cameras: Cameras, step: int) -> list[str] | None:
+        """Each random view's direction prompt: its own on one step in `view_prompt_every`, "front" otherwise."""
+        prior = self.cfg.prior
+        if not prior.view_prompts:
+            return None
+        if step % max(1, prior.view_prompt_every) != 0:
+            return ["front"] * len(cameras)
+        return view_names(cameras.polar, cameras.azimuth, self.cfg.camera.ref_azimuth_deg, prior.front_angle_deg,
+                          prior.overhead_angle_deg)
+
+    def loss_terms(self) -> dict[str, torch.Tensor]:
+        """This step's unweighted loss terms (renders the reference and a random view)."""
         cfg = self.cfg
         self.field.set_active_levels(self.active_levels(self.step))
+        if self.step % max(1, cfg.render.occupancy_update_every) == 0:
+            self.occupancy.update(self.field.density, self.generator)
         self.method.before_step()
-        weights = self.method.loss_weights(cfg.loss)
+        weights = self.loss_weights(self.step)
         terms: dict[str, torch.Tensor] = {}
-
         if weights["image"] > 0 or weights["mask"] > 0:
             if self.step % cfg.fit.ref_view_every == 0:
                 terms.update(self._reference_terms())
-
-        if weights["sds"] > 0:
+        if cfg.loss.sds > 0:
             terms.update(self._prior_terms())
+        return terms
 
+    def training_step(self) -> dict[str, float]:
+        terms = self.loss_terms()
+        weights = self.loss_weights(self.step)
         total = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -165,10 +208,10 @@ class RealFusionSystem:
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:
         out = self.renderer.render(self.method.training_field(), self.background, self.ref_camera,
-                                   shading="albedo", with_normals=False, stratified=True)
+                                   shading="albedo", with_normals=False, stratified=True, occupancy=self.occupancy)
         return {
-            "image": losses.reference_image_loss(out.rgb[0], out.background[0], self.reference.rgb,
-                                                 self.reference.mask),
+            "image": losses.reference_image_loss(out.rgb[0], out.opacity[0], out.background[0],
+                                                 self.reference.premultiplied),
             "mask": losses.mask_loss(out.opacity[0], self.reference.mask),
         }
 
@@ -176,12 +219,13 @@ class RealFusionSystem:
         cfg = self.cfg
         cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator, self.device)
         shading = self.choose_shading(self.step)
-        light = light_directions_near(cameras, self.generator)
+        light = light_directions_near(cameras, self.generator, cfg.render.light_jitter)
         out = self.renderer.render(self.method.training_field(), self.background, cameras, shading=shading,
-                                   light_dir=light, with_normals=True, stratified=True)
+                                   light_dir=light, with_normals=True, stratified=True, occupancy=self.occupancy)
         lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
         background = out.background.permute(0, 3, 1, 2).detach()
-        guided = self.guidance.sds_loss(out.image(), cameras, lighting, background)  # t ~ U(t_range), as the paper
+        guided = self.guidance.sds_loss(out.image(), cameras, lighting, background,  # t ~ U(t_range), as the paper
+                                        views=self.prompt_views(cameras, self.step))
         terms = {"sds": guided.loss, "entropy": losses.opacity_entropy(out.opacity)}
         if out.normal is not None:
             terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out.normal, cfg.loss.normal_blur_kernel)
@@ -207,7 +251,8 @@ class RealFusionSystem:
         light = light_directions_near(cameras, spread=0.0) if shading != "albedo" else None
         outputs = [
             self.renderer.render(field, background, cameras[i], shading=shading,
-                                 light_dir=None if light is None else light[i:i + 1], with_normals=True)
+                                 light_dir=None if light is None else light[i:i + 1], with_normals=True,
+                                 occupancy=self.occupancy)
             for i in range(len(cameras))
         ]
         if on_white:
@@ -230,6 +275,7 @@ class RealFusionSystem:
             "background": None if self.background is None else self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
+            "occupancy": self.occupancy.state_dict(),
             "generator": self.generator.get_state(),
             "method": self.method.state_dict(),
             "config": self.cfg.to_dict(),
@@ -242,6 +288,7 @@ class RealFusionSystem:
             self.background.load_state_dict(state["background"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
+        self.occupancy.load_state_dict(state["occupancy"])
         self.generator.set_state(state["generator"])
         self.method.load_state_dict(state.get("method") or {})
 

@@ -22,7 +22,7 @@ TINY = [
     "textual_inversion.steps=4", "textual_inversion.grad_accumulation=1", "textual_inversion.resolution=32",
     "fit.iterations=6", "fit.preview_every=3", "fit.checkpoint_every=3",
     "fit.turntable_resolution=24", "fit.coarse_levels_masked=2",
-    "render.ref_resolution=24", "render.random_resolution=24", "render.num_samples=12",
+    "render.ref_resolution=24", "render.random_resolution=24", "render.step_size=0.1", "render.occupancy_resolution=32",
     "field.n_levels=4", "field.log2_hashmap_size=10", "field.finest_resolution=32", "field.hidden_dim=16",
     "export.resolution=32", "export.texture_size=64", "export.max_faces=2000",
 ]

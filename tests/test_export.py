@@ -50,7 +50,7 @@ def crisp(shape: ShapeField) -> ShapeField:
 
 def reference_mask(field, size: int = MASK_SIZE) -> np.ndarray:
     camera = reference_camera(CameraConfig(), size)
-    out = VolumeRenderer(RenderConfig(num_samples=192), BOUND).render(field, None, camera, with_normals=False)
+    out = VolumeRenderer(RenderConfig(step_size=0.008), BOUND).render(field, None, camera, with_normals=False)
     return out.opacity[0].numpy() > 0.5
 
 
@@ -140,7 +140,7 @@ def test_baked_texture_reproduces_the_color_pattern(exported, shape):
     assert loaded.texture is not None and loaded.texture.shape == (512, 512, 3)
     views = orbit_cameras([75.0, 75.0, 75.0, 30.0], [0.0, 90.0, 200.0, 45.0], 1.8, 55.0, 96)
     mesh_images, _ = render_mesh(loaded.field_vertices, loaded.faces, views, uv=loaded.uv, texture=loaded.texture)
-    truth = VolumeRenderer(RenderConfig(num_samples=128), BOUND).render(crisp(field), None, views,
+    truth = VolumeRenderer(RenderConfig(step_size=0.012), BOUND).render(crisp(field), None, views,
                                                                        with_normals=False).rgb.numpy()
     scores = [psnr(a, b) for a, b in zip(mesh_images, truth)]
     assert min(scores) > 25.0, scores

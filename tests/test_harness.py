@@ -33,7 +33,7 @@ def random_views(n=4, size=32, seed=1):
 def test_ray_caster_and_volume_renderer_agree_on_a_ball_from_random_views():
     cameras = random_views()
     truth = render_ground_truth(two_tone_ball(), cameras, supersample=1)
-    volume = VolumeRenderer(RenderConfig(num_samples=256), 0.75).render(SphereField(0.4), None, cameras,
+    volume = VolumeRenderer(RenderConfig(step_size=0.006), 0.75).render(SphereField(0.4), None, cameras,
                                                                           with_normals=False)
     assert ((truth.mask > 0.5) != (volume.opacity > 0.5)).float().mean() < 0.005
     assert ((truth.rgb - volume.rgb).abs().amax(-1) > 0.2).float().mean() < 0.02  # only the tessellated rim
@@ -120,7 +120,7 @@ class TestOracle:
 
 TINY_DEMO = ["matting.image_size=64", "fit.iterations=4", "fit.preview_every=2", "fit.checkpoint_every=2",
              "fit.turntable_resolution=24", "render.ref_resolution=24", "render.random_resolution=16",
-             "render.num_samples=12", "field.n_levels=4", "field.log2_hashmap_size=10", "field.finest_resolution=32",
+             "render.step_size=0.1", "render.occupancy_resolution=32", "field.n_levels=4", "field.log2_hashmap_size=10", "field.finest_resolution=32",
              "export.resolution=32", "export.texture_size=64", "export.max_faces=2000", "field.blob_density=20"]
 
 

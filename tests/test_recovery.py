@@ -12,7 +12,7 @@ import torch
 from engine.cameras import reference_camera, turntable_cameras
 from engine.config import apply_overrides, preset
 from engine.harness.objects import make_object
-from engine.harness.oracle import OracleGuidance
+from engine.harness.oracle import OracleGuidance, oracle_gain
 from engine.harness.raycast import ColoredMesh, render_ground_truth
 from engine.system import RealFusionSystem, ReferenceView
 
@@ -32,10 +32,10 @@ def psnr(a, b):
 def test_oracle_guided_fit_recovers_the_figure_from_every_side():
     torch.manual_seed(0)
     cfg = apply_overrides(preset("demo"), [f"fit.iterations={ITERATIONS}", "render.ref_resolution=24",
-                                           "render.random_resolution=16", "render.num_samples=16"])
+                                           "render.random_resolution=16", "render.step_size=0.1", "render.occupancy_resolution=32"])
     mesh = ColoredMesh.from_trimesh(make_object("figure", cfg.camera))
     photo = render_ground_truth(mesh, reference_camera(cfg.camera, 24), supersample=2)
-    prior = OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(0))
+    prior = OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(0), gain=oracle_gain(cfg))
     system = RealFusionSystem(cfg, ReferenceView(photo.rgb[0], photo.mask[0]), prior, torch.device("cpu"))
     around = turntable_cameras(cfg.camera, 8, 32)
     truth = render_ground_truth(mesh, around, supersample=2)

@@ -12,7 +12,7 @@ from engine.renderer import VolumeRenderer, intersect_box, light_directions_near
 
 
 def render(field, cameras, **kwargs):
-    renderer = VolumeRenderer(RenderConfig(num_samples=256), bound=0.75)
+    renderer = VolumeRenderer(RenderConfig(step_size=0.006), bound=0.75)
     return renderer.render(field, None, cameras, **kwargs)
 
 

@@ -12,7 +12,7 @@ from engine.config import apply_overrides, preset
 from engine.renderer import VolumeRenderer
 from engine.system import RealFusionSystem, ReferenceView
 
-SMALL = ["render.ref_resolution=32", "render.random_resolution=24", "render.num_samples=32",
+SMALL = ["render.ref_resolution=32", "render.random_resolution=24", "render.step_size=0.1", "render.occupancy_resolution=32",
          "field.n_levels=8", "field.log2_hashmap_size=14", "field.finest_resolution=128",
          "fit.coarse_levels_masked=4"]
 
@@ -43,19 +43,19 @@ class RecordingPrior:
     def __init__(self):
         self.calls = []
 
-    def sds_loss(self, images, cameras=None, lighting=None, background=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None, views=None):
         self.calls.append((images.detach().clone(), cameras))
         return Guided(images.mean())
 
 
 class NoPrior:
-    def sds_loss(self, images, cameras=None, lighting=None, background=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None, views=None):
         raise AssertionError("loss.sds=0 must not call the prior")
 
 
 def test_reference_only_fit_reproduces_the_reference_view():
     torch.manual_seed(0)
-    cfg = small_config("loss.sds=0", "fit.iterations=100")
+    cfg = small_config("loss.sds=0", "fit.iterations=150")
     reference, camera = sphere_reference(cfg)
     system = RealFusionSystem(cfg, reference, NoPrior(), torch.device("cpu"))
     before = psnr(system.render(camera).rgb[0], reference.rgb)
@@ -134,7 +134,7 @@ def test_render_on_white_has_white_where_empty(shading):
 
 
 class OverflowingPrior:
-    def sds_loss(self, images, cameras=None, lighting=None, background=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None, views=None):
         return Guided(images.mean() * float("nan"))
 
 

@@ -30,7 +30,7 @@ from ..device import resolve_device
 from ..field_file import FIELD_FILE, load_field
 from ..progress import Progress, ProgressCallback
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
-from .mesh import DensityField, Outline, extract_surface
+from .mesh import DensityField, Outline, extract_surface, object_bound
 from .placement import Placement, camera_description
 from .texture import albedo_at, bake_albedo, unwrap
 
@@ -140,8 +140,8 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
         report(Progress("export", STEPS.index(step) + 1, len(STEPS)))
 
     report(Progress("export", 0, len(STEPS)))
-    surface = extract_surface(field, bound, cfg.resolution, cfg.max_faces, cfg.min_component_fraction, device,
-                              progress, outline)
+    surface = extract_surface(field, object_bound(field, bound, device), cfg.resolution, cfg.max_faces,
+                              cfg.min_component_fraction, device, progress, outline)
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
     if cfg.vertex_colors:

@@ -128,6 +128,30 @@ def sample_density(field: DensityField, bound: float, resolution: int, device="c
     return grid
 
 
+BOUND_PROBE_RESOLUTION = 48
+
+
+def object_bound(field: DensityField, bound: float, device="cpu", resolution: int = BOUND_PROBE_RESOLUTION) -> float:
+    """Half the side of the smallest origin-centered cube, within [-bound, bound]^3, that holds the object,
+    with two probe cells to spare: the box is sized for the deepest objects, so exporting over the object's
+    own cube keeps marching cubes' resolution on the object.
+
+    The object is what a coarse probe finds above a tenth of its head-on level (`choose_level`); a field
+    with no such level (empty, or filling its box) keeps the whole box, and export then says what is wrong.
+    """
+    probe = _dense_density(field, bound, resolution, device)
+    spacing = 2.0 * bound / (resolution - 1)
+    try:
+        level = choose_level(probe, spacing)
+    except ExportError:
+        return bound
+    index = np.argwhere(probe >= 0.1 * level)
+    if not len(index):
+        return bound
+    extent = float(np.abs(index * spacing - bound).max()) + 2.0 * spacing
+    return min(bound, extent)
+
+
 def _dense_density(field: DensityField, bound: float, resolution: int, device) -> np.ndarray:
     axis = torch.from_numpy(grid_points(bound, resolution))
     grid = np.empty((resolution,) * 3, np.float32)

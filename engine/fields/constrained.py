@@ -139,9 +139,13 @@ class ConstrainedField(nn.Module):
         self.depth_step = step
 
     @torch.no_grad()
-    def refresh_depth(self, resolution: int, num_samples: int, threshold: float = 0.05, step: int = -1) -> None:
-        """Re-estimate the visible surface's depth from the wrapped field as it is now."""
-        self.set_depth(estimate_depth(self.field, self.camera(resolution), self.bound, num_samples, threshold), step)
+    def refresh_depth(self, resolution: int, num_samples: int, threshold: float = 0.05, step: int = -1,
+                      source: nn.Module | None = None) -> None:
+        """Re-estimate the visible surface's depth from the wrapped field as it is now (or from `source`, the
+        same field as a renderer sees it, e.g. through an occupancy grid)."""
+        depth = estimate_depth(source if source is not None else self.field, self.camera(resolution), self.bound,
+                               num_samples, threshold)
+        self.set_depth(depth, step)
 
     # --- where a point falls in the photo ----------------------------------------------------------
 

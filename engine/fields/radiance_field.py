@@ -38,7 +38,7 @@ def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
 
 
 class RadianceField(nn.Module):
-    """Density (trunc-exp, plus a central blob that starts the object in the middle) and albedo (sigmoid)."""
+    """Density (trunc-exp, plus a central Gaussian blob that starts the object in the middle) and albedo (sigmoid)."""
 
     def __init__(self, cfg: FieldConfig):
         super().__init__()
@@ -66,7 +66,8 @@ class RadianceField(nn.Module):
         return list(self.net.parameters())
 
     def _blob(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cfg.blob_density * (1.0 - x.norm(dim=-1) / self.cfg.blob_radius)
+        """The official density bias, a Gaussian: blob_density at the center, never negative."""
+        return self.cfg.blob_density * torch.exp(-(x * x).sum(-1) / (2.0 * self.cfg.blob_radius ** 2))
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x01 = ((x + self.bound) / (2.0 * self.bound)).clamp(0.0, 1.0)

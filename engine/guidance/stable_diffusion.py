@@ -161,23 +161,34 @@ WEIGHTINGS = {"sds": _weight_sds, "uniform": _weight_uniform}
 
 
 class StableDiffusionGuidance:
-    """SDS with classifier-free guidance from a frozen Stable Diffusion and fixed text embeddings."""
+    """SDS with classifier-free guidance from a frozen Stable Diffusion and fixed text embeddings.
 
-    def __init__(self, sd: StableDiffusion, text_embeddings: torch.Tensor, cfg: PriorConfig):
+    `text_embeddings` is one [2,77,D] (unconditional, conditional) pair, or a dict of them keyed by view
+    name ("front", "side", ...: the prompt with its direction suffix, computed once) plus "default";
+    `sds_loss(..., views=[...])` then guides each image with its view's prompt.
+    """
+
+    def __init__(self, sd: StableDiffusion, text_embeddings: torch.Tensor | dict[str, torch.Tensor],
+                 cfg: PriorConfig):
         if cfg.weighting not in WEIGHTINGS:
             raise EngineError(f"Unknown SDS weighting {cfg.weighting!r}.", f"Use one of {', '.join(WEIGHTINGS)}.")
         self.sd = sd
         self.cfg = cfg
-        self.text_embeddings = text_embeddings.detach().to(sd.device, sd.dtype)  # [2, 77, D] (uncond, cond)
+        if not isinstance(text_embeddings, dict):
+            text_embeddings = {"default": text_embeddings}
+        self.view_embeddings = {name: e.detach().to(sd.device, sd.dtype) for name, e in text_embeddings.items()}
+        self.text_embeddings = self.view_embeddings["default"]  # [2, 77, D] (uncond, cond)
         self.alphas_cumprod = sd.scheduler.alphas_cumprod.to(sd.device, torch.float32)
         total = sd.num_train_timesteps
         self.min_step = int(cfg.t_range[0] * total)
         self.max_step = int(cfg.t_range[1] * total)
 
     def sds_loss(self, images: torch.Tensor, cameras=None, lighting=None, background=None,
-                 generator: torch.Generator | None = None, step_ratio: float | None = None) -> GuidanceOutput:
+                 generator: torch.Generator | None = None, step_ratio: float | None = None,
+                 views: list[str] | None = None) -> GuidanceOutput:
         """images: [B,3,H,W] in [0,1] with grad. `cameras`, `lighting` and `background` are unused
         (a text prompt judges any view, shading and backdrop; view-aware priors take them).
+        `views` names each image's direction prompt (None, or a view without one: the default prompt).
 
         step_ratio (training progress in [0,1]) replaces the uniform t by a deterministic
         t annealed from max to min step; None keeps DreamFusion's uniform sampling.
@@ -187,7 +198,7 @@ class StableDiffusionGuidance:
         batch = latents.shape[0]
         t = self.sample_timesteps(batch, generator, step_ratio)
         noise = sample_normal(latents.shape, generator, self.sd.device)
-        grad = torch.nan_to_num(self.sds_gradient(latents, t, noise))
+        grad = torch.nan_to_num(self.sds_gradient(latents, t, noise, self.condition(views, batch)))
         loss = (grad * latents.float()).sum() / batch
         return GuidanceOutput(loss=loss, timesteps=t)
 
@@ -209,20 +220,28 @@ class StableDiffusionGuidance:
         t = torch.randint(self.min_step, self.max_step + 1, (batch,), generator=generator, device=device)
         return t.to(self.sd.device)
 
+    def condition(self, views: list[str] | None, batch: int) -> torch.Tensor:
+        """[B,2,77,D]: each image's (unconditional, conditional) pair, by its view name."""
+        names = views if views is not None else ["default"] * batch
+        return torch.stack([self.view_embeddings.get(name, self.text_embeddings) for name in names])
+
     @torch.no_grad()
-    def sds_gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """w(t) * (eps_cfg - noise) in float32, for latents [B,4,h,w], t [B], noise like latents."""
+    def sds_gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                     condition: torch.Tensor | None = None) -> torch.Tensor:
+        """w(t) * (eps_cfg - noise) in float32, for latents [B,4,h,w], t [B], noise like latents,
+        condition [B,2,77,D] (default: the default prompt for every image)."""
         latents = latents.detach().float()
         noisy = self.sd.scheduler.add_noise(latents, noise.float(), t)
-        eps_cfg = self.predict_noise(noisy, t)
+        eps_cfg = self.predict_noise(noisy, t, condition)
         weight = WEIGHTINGS[self.cfg.weighting](self.alphas_cumprod[t]).view(-1, 1, 1, 1)
         return weight * (eps_cfg - noise.float())
 
-    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Classifier-free guided eps_hat: one UNet call on the batch (uncond, cond)."""
         batch = noisy.shape[0]
-        uncond, cond = self.text_embeddings[:1], self.text_embeddings[1:2]
-        context = torch.cat([uncond.expand(batch, -1, -1), cond.expand(batch, -1, -1)])
+        if condition is None:
+            condition = self.text_embeddings[None].expand(batch, -1, -1, -1)
+        context = torch.cat([condition[:, 0], condition[:, 1]])
         model_in = torch.cat([noisy, noisy]).to(self.sd.dtype)
         eps = self.sd.unet(model_in, torch.cat([t, t]), encoder_hidden_states=context).sample.float()
         eps_uncond, eps_cond = eps.chunk(2)

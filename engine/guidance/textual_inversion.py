@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.augment import augment_batch
+from engine.augment import augment_batch, augmentation_config
 from engine.config import TextualInversionConfig
 from engine.errors import EngineError
 from engine.guidance.stable_diffusion import StableDiffusion, sample_normal
@@ -140,7 +140,7 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
     token_id = add_placeholder_token(sd, cfg.placeholder, cfg.initializer)
     initial = sd.text_encoder.get_input_embeddings().weight[token_id].detach().float()
     vector = torch.nn.Parameter(initial.clone())  # float32 master copy, cast for the forward
-    optimizer = torch.optim.AdamW([vector], lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([vector], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     # fp16 weights on CUDA: scale the loss so the row's small gradients survive half precision.
     scaler = torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
     prompt = cfg.prompt.format(cfg.placeholder)
@@ -167,7 +167,7 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
 def _denoising_loss(sd: StableDiffusion, image: torch.Tensor, vector: torch.Tensor, token_id: int,
                     prompt: str, cfg: TextualInversionConfig, generator: torch.Generator) -> torch.Tensor:
     """Eq. (2) on one fresh batch of augmented views: || eps_hat(z_t; prompt(e), t) - eps ||^2."""
-    views = augment_batch(image, cfg.resolution, cfg.batch_size, generator)
+    views = augment_batch(image, cfg.resolution, cfg.batch_size, generator, augmentation_config(cfg.augmentations))
     with torch.no_grad():
         pixels = (views * 2.0 - 1.0).to(sd.device, sd.dtype)
         latents = sd.vae.encode(pixels).latent_dist.sample(generator).float() * sd.vae.config.scaling_factor
@@ -184,7 +184,7 @@ def embedding_cache_key(content_hash: str, sd: StableDiffusion, cfg: TextualInve
     """Everything that changes the learned vector: the image, the model, the recipe."""
     fields = {name: getattr(cfg, name) for name in (
         "steps", "learning_rate", "batch_size", "grad_accumulation", "resolution",
-        "placeholder", "initializer", "prompt")}
+        "placeholder", "initializer", "prompt", "augmentations", "weight_decay")}
     payload = {"image": content_hash, "model": sd.model_id, "format": FORMAT_VERSION, **fields}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -37,6 +37,7 @@ from ..export import CAMERA_FILE, MESH_STEM, REPORT_FILE
 from ..export.gltf import Z_UP_TO_Y_UP
 from ..export.placement import Placement
 from ..matting import REFERENCE_NAME
+from ..outputs import FIELD_REFERENCE_FILE
 from ..outputs import atomic_write_json, image_grid, save_png
 from . import metrics
 from .demo import GROUND_TRUTH_DIR
@@ -144,12 +145,34 @@ def reference_pose(camera: dict) -> tuple[np.ndarray, float]:
     return c2w, float(camera["fovy_rad"])
 
 
-def evaluation_cameras(camera: dict, views: int, resolution: int) -> tuple[Cameras, Cameras, dict]:
-    """(the reference camera, `views` turntable cameras from it, their angles) at `resolution` pixels square."""
+def field_reference_scores(outdir: Path, ref_rgb: np.ndarray, ref_alpha: np.ndarray) -> dict | None:
+    """PSNR and mask IoU of the radiance field itself in the reference view (FIELD_REFERENCE_FILE, written by
+    `reconstruct` at the fit's reference render size), against the input at that size; None without it."""
+    path = outdir / FIELD_REFERENCE_FILE
+    if not path.is_file():
+        return None
+    field_rgb, field_alpha = over_white(path)
+    size = field_rgb.shape[0]
+    target_rgb, target_alpha = resized(ref_rgb, size), resized(ref_alpha, size)
+    union = np.maximum(field_alpha, target_alpha).sum()
+    return {"psnr": metrics.psnr(field_rgb, target_rgb), "ssim": metrics.ssim(field_rgb, target_rgb),
+            "mask_iou": float(np.minimum(field_alpha, target_alpha).sum() / union) if union else 1.0,
+            "resolution": size}
+
+
+def evaluation_cameras(camera: dict, views: int, resolution: int,
+                       object_radius: float = 0.0) -> tuple[Cameras, Cameras, dict]:
+    """(the reference camera, `views` turntable cameras from it, their angles) at `resolution` pixels square.
+
+    The turntable keeps the reference elevation and field of view; it stands back as far as it takes to
+    see a ball of `object_radius` about the origin whole (at least at the reference distance), so a
+    deep object seen from the side is not cut off by the frame.
+    """
     c2w, fovy = reference_pose(camera)
     reference = Cameras(torch.tensor(c2w, dtype=torch.float32)[None], torch.tensor([fovy]), resolution, resolution)
     x, y, z = c2w[:3, 3]
-    radius = float(np.linalg.norm(c2w[:3, 3]))
+    distance = float(np.linalg.norm(c2w[:3, 3]))
+    radius = max(distance, 1.05 * object_radius / math.sin(fovy / 2))
     polar = math.degrees(math.acos(float(np.clip(z / radius, -1.0, 1.0))))
     azimuth = math.degrees(math.atan2(x, -y))  # azimuth 0 on -Y (cameras.spherical_to_position)
     azimuths = [azimuth + 360.0 * i / views for i in range(views)]
@@ -257,12 +280,16 @@ def evaluate(outdir: Path, ground_truth: Path | None = None, views: int = DEFAUL
 
     # reference view: the textured mesh against the (matted) input, both over white, at the input's size
     ref_rgb, ref_alpha = over_white(reference_path)
-    reference, turntable, angles = evaluation_cameras(mesh.camera, views, resolution)
+    object_radius = float(np.linalg.norm(gt_points, axis=1).max())
+    reference, turntable, angles = evaluation_cameras(mesh.camera, views, resolution, object_radius)
     reference = reference.with_resolution(ref_rgb.shape[1], ref_rgb.shape[0])
     (rendered,), (coverage,) = mesh.render(reference, supersample)
     union = np.maximum(ref_alpha, coverage).sum()  # soft IoU of the anti-aliased silhouettes: no ties at 0.5
     reference_scores = {"psnr": metrics.psnr(rendered, ref_rgb), "ssim": metrics.ssim(rendered, ref_rgb),
                         "mask_iou": float(np.minimum(ref_alpha, coverage).sum() / union) if union else 1.0}
+    field_scores = field_reference_scores(outdir, ref_rgb, ref_alpha)
+    if field_scores is not None:
+        reference_scores["field"] = field_scores
     lap("reference_view")
 
     # novel views: the textured mesh against the true mesh, ray cast from the same cameras

@@ -75,7 +75,27 @@ def figure() -> trimesh.Trimesh:
     return trimesh.util.concatenate([body, head, nose, pack])
 
 
-OBJECTS: dict[str, Callable[[], trimesh.Trimesh]] = {"box": textured_box, "mug": mug, "figure": figure}
+def bird() -> trimesh.Trimesh:
+    """Much deeper than wide, seen head-on: a blue-breasted, cream-backed body 2.4 times as long (along the
+    view axis, -Y toward the camera) as it is wide, a yellow beak pointing at the camera and a red tail
+    pointing away. Framed at 80 % of the reference view it spans about +-1.4 along Y: a box of +-0.75
+    cuts off the beak (even in the reference view) and flattens the back."""
+    body = trimesh.creation.icosphere(subdivisions=3, radius=1.0)
+    body.apply_scale((0.25, 0.36, 0.25))
+    body = _paint(body, lambda p: np.where((p[:, 1] < 0)[:, None], (0.2, 0.55, 0.9), (0.9, 0.88, 0.8)))
+    beak = trimesh.creation.cone(radius=0.07, height=0.2, sections=16)
+    beak.apply_transform(trimesh.transformations.rotation_matrix(np.pi / 2, (1, 0, 0)))  # point toward -Y
+    beak.apply_translation((0.0, -0.4, 0.03))
+    beak = _paint(beak, _solid((0.95, 0.75, 0.1)))
+    tail = trimesh.creation.cone(radius=0.06, height=0.2, sections=16)
+    tail.apply_transform(trimesh.transformations.rotation_matrix(-np.pi / 2, (1, 0, 0)))  # point toward +Y
+    tail.apply_translation((0.0, 0.4, 0.05))
+    tail = _paint(tail, _solid((0.85, 0.15, 0.2)))
+    return trimesh.util.concatenate([body, beak, tail])
+
+
+OBJECTS: dict[str, Callable[[], trimesh.Trimesh]] = {"box": textured_box, "mug": mug, "figure": figure,
+                                                     "bird": bird}
 
 
 def frame_for_reference(mesh: trimesh.Trimesh, camera_cfg: CameraConfig, object_fraction: float = 0.8,

@@ -26,10 +26,15 @@ def stable_diffusion_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Te
 
 
 class OracleGuidance:
-    def __init__(self, mesh: ColoredMesh, cfg: PriorConfig, generator: torch.Generator | None = None):
+    """`gain` multiplies the gradient. An ideal denoiser's residual has no natural size next to a real
+    model's (whose guidance scale of 100 makes it large), so the harness picks it: see `oracle_prior`."""
+
+    def __init__(self, mesh: ColoredMesh, cfg: PriorConfig, generator: torch.Generator | None = None,
+                 gain: float = 1.0):
         if cfg.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown SDS weighting {cfg.weighting!r}")
         self.mesh = mesh
+        self.gain = gain
         self.cfg = cfg
         self.generator = generator
         self.alphas_cumprod = stable_diffusion_alphas_cumprod()
@@ -48,7 +53,9 @@ class OracleGuidance:
         return rgb
 
     def sds_loss(self, images: torch.Tensor, cameras: Cameras | None = None, lighting: Lighting | None = None,
-                 background: torch.Tensor | None = None, t: torch.Tensor | None = None) -> GuidanceOutput:
+                 background: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                 views: list[str] | None = None) -> GuidanceOutput:
+        """The oracle knows every view of the object: a direction prompt (`views`) tells it nothing."""
         if cameras is None:
             raise ValueError("the oracle prior needs the cameras the images were rendered from")
         batch = images.shape[0]
@@ -61,9 +68,16 @@ class OracleGuidance:
         with torch.no_grad():
             noisy = alpha_bar.sqrt() * x + (1 - alpha_bar).sqrt() * noise
             eps_hat = (noisy - alpha_bar.sqrt() * target) / (1 - alpha_bar).sqrt()
-            grad = WEIGHTINGS[self.cfg.weighting](alpha_bar) * (eps_hat - noise)
+            grad = self.gain * WEIGHTINGS[self.cfg.weighting](alpha_bar) * (eps_hat - noise)
         loss = (grad * x).sum() / batch  # d loss / d x = grad, as in the latent-space version
         return GuidanceOutput(loss=loss, timesteps=t)
+
+
+def oracle_gain(cfg) -> float:
+    """The oracle's gain: the SDS schedule's initial loss scale, so that at the start of a fit the oracle
+    pulls as hard against the reference losses as it did at SDS weight 1 (the harness's calibration before
+    the schedule existed); the schedule's later growth then applies to it as to any prior."""
+    return cfg.loss.sds_initial_scale if cfg.loss.sds_schedule == "gradscaler" else 1.0
 
 
 def oracle_prior(mesh: ColoredMesh):
@@ -73,6 +87,6 @@ def oracle_prior(mesh: ColoredMesh):
         from ..progress import Progress
 
         report(Progress("prior"))
-        return OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(cfg.seed))
+        return OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(cfg.seed), gain=oracle_gain(cfg))
 
     return make

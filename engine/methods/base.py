@@ -7,13 +7,12 @@ the loop calls on its schedule. A new method is a new module here plus one line 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..config import LossConfig, ReconstructionConfig
+    from ..config import ReconstructionConfig
     from ..system import RealFusionSystem
 
 
@@ -28,10 +27,9 @@ class Method:
         """Called at the end of the system's construction: its field, EMA and reference are there."""
         self.system = system
 
-    def loss_weights(self, loss: "LossConfig") -> dict[str, float]:
-        """Weight of each of the loop's loss terms (0: the term is not computed or not counted)."""
-        weights = {f.name: getattr(loss, f.name) for f in dataclasses.fields(loss)
-                   if isinstance(getattr(loss, f.name), float)}
+    def loss_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """Weight of each of the loop's loss terms, from the loop's own (the config's, on its schedule);
+        0: the term is not computed or not counted."""
         return {**weights, **self.loss_overrides}
 
     def training_field(self) -> nn.Module:

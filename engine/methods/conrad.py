@@ -15,6 +15,7 @@ from torch import nn
 
 from ..cameras import reference_camera
 from ..fields.constrained import ConstrainedField
+from ..renderer import OccupiedField
 from .base import Method
 
 
@@ -38,17 +39,20 @@ class ConRad(Method):
 
     # --- the depth of the visible surface, on a schedule -------------------------------------------
 
-    def _depth_settings(self, resolution: int | None = None) -> dict:
+    def _depth_settings(self, field: nn.Module, resolution: int | None = None) -> dict:
+        """How to estimate the depth: from `field` as the renderer sees it (the occupancy grid's empty cells
+        hold no density there), at the configured size and number of steps."""
         cfg = self.system.cfg
-        return {"resolution": resolution or cfg.conrad.depth_resolution or cfg.render.ref_resolution,
-                "num_samples": cfg.conrad.depth_samples or 2 * cfg.render.num_samples,
+        return {"source": OccupiedField(field, self.system.occupancy),
+                "resolution": resolution or cfg.conrad.depth_resolution or cfg.render.ref_resolution,
+                "num_samples": cfg.conrad.depth_samples,
                 "threshold": cfg.conrad.depth_threshold}
 
     def before_step(self) -> None:
         step = self.system.step
         every = max(1, self.system.cfg.conrad.depth_refresh_every)
         if self.fit_field.depth_step < 0 or step % every == 0:
-            self.fit_field.refresh_depth(**self._depth_settings(), step=step)
+            self.fit_field.refresh_depth(**self._depth_settings(self.fit_field.field), step=step)
 
     def training_field(self) -> nn.Module:
         return self.fit_field
@@ -58,7 +62,7 @@ class ConRad(Method):
         if wrapper is None or wrapper.field is not field:
             wrapper = self.display[id(field)] = self._wrap(field)
         if wrapper.depth_step != self.system.step:  # the field changed since: look again
-            wrapper.refresh_depth(**self._depth_settings(), step=self.system.step)
+            wrapper.refresh_depth(**self._depth_settings(field), step=self.system.step)
         return wrapper
 
     # --- checkpoints and field.pt ------------------------------------------------------------------
@@ -73,7 +77,7 @@ class ConRad(Method):
     def saved_field_state(self, field: nn.Module) -> dict:
         """The photo at its own size and the averaged field's depth at that size: the export bakes from these."""
         wrapper = self._wrap(field)
-        wrapper.refresh_depth(**self._depth_settings(resolution=wrapper.height), step=self.system.step)
+        wrapper.refresh_depth(**self._depth_settings(field, resolution=wrapper.height), step=self.system.step)
         return wrapper.saved_state()
 
     @classmethod
