@@ -92,14 +92,26 @@ def field_reference_scores(outdir: Path, device: str) -> dict:
     from engine.matting import REFERENCE_NAME
     from engine.renderer import VolumeRenderer
 
+    from engine.harness.evaluate import resized
+
     dev = resolve_device(device)
     field, cfg = load_field(outdir / FIELD_FILE, dev)
     truth, _alpha = over_white(outdir / REFERENCE_NAME)
-    camera = reference_camera(cfg.camera, truth.shape[0], dev)
-    with torch.no_grad():
-        rendered = VolumeRenderer(cfg.render, cfg.field.bound).render(field, None, camera, with_normals=False)
+    size = truth.shape[0]
+    while True:  # the whole image in one batch of rays; halve it if the GPU cannot hold that
+        camera = reference_camera(cfg.camera, size, dev)
+        try:
+            with torch.no_grad():
+                rendered = VolumeRenderer(cfg.render, cfg.field.bound).render(field, None, camera, with_normals=False)
+            break
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
     image = rendered.rgb[0].clamp(0, 1).cpu().numpy()
-    return {"field_reference_psnr": metrics.psnr(image, truth), "field_reference_ssim": metrics.ssim(image, truth)}
+    if size != truth.shape[0]:
+        truth = resized(truth, size)
+    return {"field_reference_psnr": metrics.psnr(image, truth), "field_reference_ssim": metrics.ssim(image, truth),
+            "field_reference_resolution": size}
 
 
 def side_by_side(rows: list[dict], methods: list[str], path: Path) -> None:
