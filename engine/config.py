@@ -214,6 +214,11 @@ class ConRadConfig:
     depth_refresh_every: int = 10  # re-estimate the surface depth from the field every N fit iterations
     depth_resolution: int = 0  # pixels a side of the depth map during the fit (0: render.ref_resolution)
     depth_samples: int = 128  # equal steps per reference ray, entry to exit of the box, for the depth
+    # what a point in front of the surface takes where the photo shows no object: "background" (ConRad: the
+    # photo's own pixel, white) or "field" (its own albedo; a mesh a little wider than the mask then shows no
+    # background-colored band on its sides in other views)
+    outside_mask: str = "background"
+    outline_dilation_px: int = 0  # the export matches the mesh's outline to the mask grown by this many photo pixels
 
 
 @dataclass

@@ -138,3 +138,19 @@ def test_every_method_is_offered_by_the_server_schema_and_the_addon_menu():
     items = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
                  and getattr(node.targets[0], "id", None) == "METHOD_ITEMS")
     assert [ast.literal_eval(item)[0] for item in items.elts] == list(METHODS)
+
+
+@pytest.mark.parametrize("outside_mask", ["background", "field"])
+def test_where_the_photo_shows_no_object_a_point_takes_the_background_or_the_fields_albedo(outside_mask):
+    field, camera = ball_and_camera()
+    photo = torch.ones(SIZE, SIZE, 3)  # over white
+    mask = torch.zeros(SIZE, SIZE)
+    constrained = ConstrainedField(field, camera.c2w[0], float(camera.fovy[0]), photo, mask, 0.05,
+                                   bound=field.bound, outside_mask=outside_mask)
+    constrained.refresh_depth(SIZE, SAMPLES)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    pixels = torch.nonzero(torch.isfinite(t_true))[:, 0][::11]
+    points = origins[pixels] + dirs[pixels] * t_true[pixels, None]  # on the ball's front, where the mask is empty
+    color = constrained(points)[1]
+    expected = torch.ones_like(color) if outside_mask == "background" else field(points)[1]
+    assert torch.allclose(color, expected, atol=1e-6)

@@ -28,6 +28,7 @@ from ..errors import ExportError
 from ..outputs import STATUS_FILE, OutputDir, atomic_write_bytes, atomic_write_json, to_uint8
 from ..device import resolve_device
 from ..field_file import FIELD_FILE, load_field
+from ..methods import method_for
 from ..progress import Progress, ProgressCallback
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
 from .mesh import DensityField, Outline, extract_surface, object_bound
@@ -109,7 +110,7 @@ def _reference_outline(outdir: Path, run_cfg: ReconstructionConfig) -> Outline |
 
     try:
         with Image.open(Path(outdir) / MASK_NAME) as image:
-            mask = image.convert("L")
+            mask = method_for(run_cfg.method).outline_mask(image.convert("L"), run_cfg)  # ConRad may grow it
             size = min(OUTLINE_PIXELS, mask.width)
             mask = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0 > 0.5
     except (OSError, ValueError):

@@ -34,6 +34,7 @@ from ..renderer import intersect_box
 EMPTY_DEPTH = 1.0e4  # d_ref of a ray that meets nothing: everything along it is in front (takes the photo)
 MIN_OPACITY = 1e-3  # a ray less opaque than this meets nothing (normalising its transmittance would be noise)
 POINTS_PER_CHUNK = 1 << 18  # density queries per batch while estimating depth
+OUTSIDE_MASK = ("background", "field")  # what in-front points take where the photo shows no object
 MIN_ALPHA = 2.0 / 255.0  # less of the object than this in a pixel: its color cannot be told apart, take the background
 
 
@@ -102,10 +103,14 @@ class ConstrainedField(nn.Module):
     """
 
     def __init__(self, field: nn.Module, c2w: torch.Tensor, fovy: float, rgb: torch.Tensor, mask: torch.Tensor,
-                 delta: float, depth: torch.Tensor | None = None, bound: float | None = None):
+                 delta: float, depth: torch.Tensor | None = None, bound: float | None = None,
+                 outside_mask: str = "background"):
         super().__init__()
+        if outside_mask not in OUTSIDE_MASK:
+            raise ValueError(f"outside_mask={outside_mask!r} is not one of {OUTSIDE_MASK}")
         self.field = field
         self.delta = float(delta)
+        self.outside_mask = outside_mask
         self.fovy = float(fovy)
         self.bound = float(bound if bound is not None else field.bound)
         device = next(iter(field.parameters()), torch.empty(0)).device
@@ -173,6 +178,8 @@ class ConstrainedField(nn.Module):
         coords, z, seen = self.project(x)
         surface = self._sample(self.depth, coords)[:, 0]
         in_front = seen & (z < surface + self.delta)
+        if self.outside_mask == "field":
+            in_front = in_front & (self._sample(self.mask, coords)[:, 0] >= MIN_ALPHA)
         return in_front, self._sample(self.color, coords)
 
     # --- the field's interface ---------------------------------------------------------------------
@@ -193,9 +200,9 @@ class ConstrainedField(nn.Module):
     def saved_state(self) -> dict:
         return {"c2w": self.c2w.cpu(), "fovy": self.fovy, "rgb": self.photo[0].permute(1, 2, 0).cpu(),
                 "mask": self.mask[0, 0].cpu(), "depth": self.depth[0, 0].cpu(), "delta": self.delta,
-                "bound": self.bound}
+                "bound": self.bound, "outside_mask": self.outside_mask}
 
     @classmethod
     def from_saved_state(cls, field: nn.Module, state: dict) -> "ConstrainedField":
         return cls(field, state["c2w"], state["fovy"], state["rgb"], state["mask"], state["delta"],
-                   depth=state["depth"], bound=state["bound"])
+                   depth=state["depth"], bound=state["bound"], outside_mask=state.get("outside_mask", "background"))

@@ -58,3 +58,8 @@ class Method:
     def restore_field(cls, field: nn.Module, state: dict | None, cfg: "ReconstructionConfig") -> nn.Module:
         """The field the export reads, rebuilt around the saved radiance field from `saved_field_state`."""
         return field
+
+    @classmethod
+    def outline_mask(cls, mask, cfg: "ReconstructionConfig"):
+        """The object's mask (a PIL image at the photo's size) that the export matches the mesh's outline to."""
+        return mask

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..cameras import reference_camera
-from ..fields.constrained import ConstrainedField
+from ..errors import ConfigError
+from ..fields.constrained import OUTSIDE_MASK, ConstrainedField
 from ..renderer import OccupiedField
 from .base import Method
 
@@ -32,8 +33,11 @@ class ConRad(Method):
         rgb = reference.photo_rgb if reference.photo_rgb is not None else reference.rgb
         mask = reference.photo_mask if reference.photo_mask is not None else reference.mask
         camera = reference_camera(cfg.camera, rgb.shape[0], system.device)
+        if cfg.conrad.outside_mask not in OUTSIDE_MASK:
+            raise ConfigError(f"conrad.outside_mask={cfg.conrad.outside_mask!r} is not one of {', '.join(OUTSIDE_MASK)}.")
         self._wrap = lambda field: ConstrainedField(field, camera.c2w[0], float(camera.fovy[0]), rgb, mask,
-                                                    cfg.conrad.delta, bound=cfg.field.bound)
+                                                    cfg.conrad.delta, bound=cfg.field.bound,
+                                                    outside_mask=cfg.conrad.outside_mask)
         self.fit_field = self._wrap(system.field)
         self.display = {}  # id(field) -> its wrapper: the averaged field and, for use_ema=False, the field itself
 
@@ -86,3 +90,12 @@ class ConRad(Method):
             raise ValueError("field.pt of a conrad run holds no constrained-field state")
         return ConstrainedField.from_saved_state(field, {k: torch.as_tensor(v) if k in ("c2w", "rgb", "mask", "depth")
                                                          else v for k, v in state.items()})
+
+    @classmethod
+    def outline_mask(cls, mask, cfg):
+        """The mask grown by `conrad.outline_dilation_px`: a mesh a little wider than the photo's object costs
+        nothing in the reference view (its rim takes the photo's background), one a little narrower does."""
+        from PIL import ImageFilter
+
+        grow = cfg.conrad.outline_dilation_px
+        return mask.filter(ImageFilter.MaxFilter(2 * grow + 1)) if grow > 0 else mask
