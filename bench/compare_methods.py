@@ -2,7 +2,7 @@
 
     python bench/compare_methods.py --device cuda [--presets demo fast] [--objects box mug figure]
                                     [--methods realfusion conrad] [--gpus 0,1,2,3] [--set section.key=value ...]
-                                    [--readme]
+                                    [--method-set conrad:conrad.outside_mask=field] [--tag NAME] [--readme]
 
 Each run is the real command line, `realfusion demo -o DIR --object O --preset P --method M --restart`
 (reconstruct with the oracle prior, export, `realfusion eval`), timed from outside. From each run it keeps
@@ -194,11 +194,20 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gpus", help="comma-separated GPU indices: one run on each at a time (default: one run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
+                        help="an override for one method's runs only, e.g. conrad:conrad.outside_mask=field")
+    parser.add_argument("--tag", default="", help="results go to methods_<device>_<tag>.* (a variant's own files)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "compare_methods")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
     args = parser.parse_args()
 
-    slug = device_slug(args.device)
+    slug = device_slug(args.device) + (f"_{args.tag}" if args.tag else "")
+    per_method: dict[str, list[str]] = {}
+    for item in args.method_set:
+        method, sep, override = item.partition(":")
+        if not sep or method not in METHODS:
+            parser.error(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of {list(METHODS)}")
+        per_method.setdefault(method, []).append(override)
     jobs = [(o, p, m) for o in args.objects for p in args.presets for m in args.methods]
     gpus = args.gpus.split(",") if args.gpus else [None]
     free = list(gpus)
@@ -210,7 +219,7 @@ def main() -> int:
             gpu = free.pop()
         try:
             row = run_one(args.workdir / slug / f"{obj}_{preset}_{method}", obj, preset, method,
-                          args.device, args.overrides, gpu)
+                          args.device, args.overrides + per_method.get(method, []), gpu)
         finally:
             with lock:
                 free.append(gpu)
@@ -226,7 +235,7 @@ def main() -> int:
                          RESULTS / f"methods_{slug}" / f"{obj}_{preset}.png")
     table = markdown_table(rows, slug)
     result = {"device": slug, "presets": args.presets, "objects": args.objects, "methods": args.methods,
-              "overrides": args.overrides, "runs": rows, "targets": verdicts(rows)}
+              "overrides": args.overrides, "method_overrides": per_method, "runs": rows, "targets": verdicts(rows)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"methods_{slug}.md").write_text(table)
