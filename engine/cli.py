@@ -9,8 +9,9 @@ from pathlib import Path
 from . import __version__
 from .config import DEMO_PRESETS, PRESETS, build_config
 from .errors import ConfigError, EngineError
+from .methods import METHODS, method_for  # noqa: F401  (METHODS re-exported: the server's older import)
 
-METHODS = ("realfusion",)
+METHOD_HELP = "; ".join(f"{name}: {method.description}" for name, method in METHODS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-o", "--output", type=Path, required=True, help="folder for the results")
     rec.add_argument("--preset", choices=sorted(PRESETS), default="standard")
     rec.add_argument("--model", help="Stable Diffusion hub id or local folder (default: the preset's, SD 1.5)")
-    rec.add_argument("--method", choices=METHODS, default="realfusion")
+    rec.add_argument("--method", default="realfusion", help=f"how to reconstruct ({METHOD_HELP})")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--initializer", metavar="WORD",
                      help="a word naming the object (bird, mug, ...): textual inversion starts its token there "
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
     demo.add_argument("--object", default="figure", help="which bundled object: box, mug, figure or bird")
     demo.add_argument("--preset", choices=sorted(DEMO_PRESETS), default="demo")
+    demo.add_argument("--method", default="realfusion", help=f"how to reconstruct ({METHOD_HELP})")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -89,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args):
-    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model,
-                        initializer=args.initializer)
+    method_for(args.method)  # an unknown method is refused before any work, with the list of methods
+    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method,
+                        model=getattr(args, "model", None), initializer=getattr(args, "initializer", None))
 
 
 class StageBars:
@@ -151,7 +154,7 @@ def cmd_demo(args) -> int:
 
     if args.object not in OBJECTS:
         raise ConfigError(f"Unknown demo object {args.object!r}; the objects are {', '.join(OBJECTS)}.")
-    cfg = build_config(args.preset, args.overrides, seed=args.seed)
+    cfg = make_config(args)
     bars = StageBars()
     try:
         out = run_demo(args.output, cfg, args.object, device=args.device, report=bars, resume=not args.restart)

@@ -205,8 +205,25 @@ class ExportConfig:
 
 
 @dataclass
+class ConRadConfig:
+    """ConRad's image-constrained field (`--method conrad`, engine/fields/constrained.py): points on or in front
+    of the visible surface take the photo's color. The surface depth is estimated from the field itself."""
+
+    delta: float = 0.03  # margin behind the estimated surface depth that still takes the photo's color (world units)
+    depth_threshold: float = 0.05  # the surface is where a reference ray's normalised transmittance falls to this
+    depth_refresh_every: int = 10  # re-estimate the surface depth from the field every N fit iterations
+    depth_resolution: int = 0  # pixels a side of the depth map during the fit (0: render.ref_resolution)
+    depth_samples: int = 128  # equal steps per reference ray, entry to exit of the box, for the depth
+    # what a point in front of the surface takes where the photo shows no object: "background" (ConRad: the
+    # photo's own pixel, white) or "field" (its own albedo; a mesh a little wider than the mask then shows no
+    # background-colored band on its sides in other views)
+    outside_mask: str = "background"
+    outline_dilation_px: int = 0  # the export matches the mesh's outline to the mask grown by this many photo pixels
+
+
+@dataclass
 class ReconstructionConfig:
-    method: str = "realfusion"
+    method: str = "realfusion"  # realfusion or conrad (engine/methods)
     seed: int = 0
     matting: MattingConfig = _section(MattingConfig)
     prior: PriorConfig = _section(PriorConfig)
@@ -217,6 +234,7 @@ class ReconstructionConfig:
     loss: LossConfig = _section(LossConfig)
     fit: FitConfig = _section(FitConfig)
     export: ExportConfig = _section(ExportConfig)
+    conrad: ConRadConfig = _section(ConRadConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,46 +8,22 @@ the pipeline knowing who is there. Everything it produces goes into an `OutputDi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .cameras import VIEWS, orbit_cameras, reference_camera, turntable_cameras
+from .cameras import VIEWS, orbit_cameras, turntable_cameras
 from .config import ReconstructionConfig
-from .errors import DeviceError
+from .device import resolve_device  # noqa: F401  (re-exported: callers import it from here too)
+from .field_file import FIELD_FILE, field_payload
 from .matting import ReferenceImage, prepare_reference, save_reference
 from .outputs import FIELD_REFERENCE_FILE, OutputDir, atomic_torch_save, atomic_write_bytes, image_grid, save_png
+from .progress import Progress, ProgressCallback  # noqa: F401  (re-exported)
 from .system import RealFusionSystem, ReferenceView
 
 CHECKPOINT = "checkpoints/last.pt"
-FIELD_FILE = "field.pt"
 EMBEDDING_FILE = "embedding.pt"
-
-
-@dataclass
-class Progress:
-    stage: str  # matting | prior | textual_inversion | fit | turntable | export | done
-    step: int = 0
-    total: int = 0
-    metrics: dict = field(default_factory=dict)
-    preview: Path | None = None  # set when a new preview image was written
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-def resolve_device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine.",
-                          "Check `nvidia-smi` and that a CUDA build of torch is installed, "
-                          "or run with --device cpu (much slower).")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise DeviceError(f"Unknown device {name!r}.", "Use --device cuda, cuda:N or cpu.")
-    return torch.device(name)
 
 
 def default_cache_dir() -> Path:
@@ -245,14 +221,5 @@ def save_field_reference(system: RealFusionSystem, path: Path) -> None:
 
 
 def save_field(system: RealFusionSystem, path: Path) -> None:
-    """The averaged field, its background and the config it was made with: what export needs."""
-    field_ema, *rest = system.ema.shadow
-    atomic_torch_save(path, {
-        "field": field_ema.state_dict(),
-        "background": rest[0].state_dict() if rest else None,
-        "config": system.cfg.to_dict(),
-        "occupancy": system.occupancy.state_dict(),  # empty space as the renderer saw it: the export keeps it empty
-        "step": system.step,
-        "reference_camera": {"c2w": reference_camera(system.cfg.camera, 1).c2w[0].tolist(),
-                             "fovy_deg": system.cfg.camera.ref_fovy_deg},
-    })
+    """The averaged field, its background, the config it was made with and its method's part: what export needs."""
+    atomic_torch_save(path, field_payload(system))

@@ -1,4 +1,7 @@
-"""The system: RealFusion's training loop over field, renderer and guidance.
+"""The system: the one training loop over field, renderer and guidance, shared by every method.
+
+A method (engine/methods: RealFusion, ConRad) picks which field the loop renders, which loss terms
+count and what runs on its schedule; the loop itself is the same for all.
 
 Each iteration renders (a) the fixed reference view, scored against the photo
 and its mask, and (b) a random view, scored by the prior (SDS), plus the
@@ -19,6 +22,7 @@ from . import losses
 from .cameras import Cameras, reference_camera, sample_random_cameras, view_names
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
+from .methods import method_for
 from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near
 
 
@@ -38,6 +42,9 @@ class ReferenceView:
 
     rgb: torch.Tensor  # [H,W,3] in [0,1], the object over white
     mask: torch.Tensor  # [H,W] in [0,1]
+    # the photo at its own size (ConRad samples its colors from it); None: the same as rgb / mask
+    photo_rgb: torch.Tensor | None = None
+    photo_mask: torch.Tensor | None = None
 
     @property
     def premultiplied(self) -> torch.Tensor:
@@ -46,11 +53,12 @@ class ReferenceView:
 
     @classmethod
     def from_arrays(cls, rgb, mask, resolution: int, device) -> "ReferenceView":
-        rgb_t = torch.as_tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
-        mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
-        rgb_t = F.interpolate(rgb_t, size=(resolution, resolution), mode="area")
-        mask_t = F.interpolate(mask_t, size=(resolution, resolution), mode="area")
-        return cls(rgb_t[0].permute(1, 2, 0).to(device), mask_t[0, 0].to(device))
+        photo_rgb = torch.as_tensor(rgb, dtype=torch.float32)
+        photo_mask = torch.as_tensor(mask, dtype=torch.float32)
+        rgb_t = F.interpolate(photo_rgb.permute(2, 0, 1)[None], size=(resolution, resolution), mode="area")
+        mask_t = F.interpolate(photo_mask[None, None], size=(resolution, resolution), mode="area")
+        return cls(rgb_t[0].permute(1, 2, 0).to(device), mask_t[0, 0].to(device), photo_rgb.to(device),
+                   photo_mask.to(device))
 
 
 class ExponentialMovingAverage:
@@ -88,6 +96,8 @@ class ExponentialMovingAverage:
 
 
 class RealFusionSystem:
+    """The shared loop; `cfg.method` names the method it runs (engine.methods.METHODS)."""
+
     def __init__(self, cfg: ReconstructionConfig, reference: ReferenceView, guidance: Guidance,
                  device: torch.device, seed: int = 0):
         self.cfg = cfg
@@ -106,6 +116,7 @@ class RealFusionSystem:
         self.step = 0
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
+        self.method = method_for(cfg.method)(self)  # last: it may wrap the field built above
 
     def _modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.field, self.background) if m is not None]
@@ -143,7 +154,7 @@ class RealFusionSystem:
         loss = self.cfg.loss
         weights = {name: getattr(loss, name) for name in ("image", "mask", "normal_smooth_2d", "entropy", "orientation")}
         weights["sds"] = loss.sds_weight(step, self.cfg.fit.iterations)
-        return weights
+        return self.method.loss_weights(weights)  # the method's choice of terms (ConRad: no color image loss)
 
     def prompt_views(self, cameras: Cameras, step: int) -> list[str] | None:
         """Each random view's direction prompt: its own on one step in `view_prompt_every`, "front" otherwise."""
@@ -161,8 +172,10 @@ class RealFusionSystem:
         self.field.set_active_levels(self.active_levels(self.step))
         if self.step % max(1, cfg.render.occupancy_update_every) == 0:
             self.occupancy.update(self.field.density, self.generator)
+        self.method.before_step()
+        weights = self.loss_weights(self.step)
         terms: dict[str, torch.Tensor] = {}
-        if cfg.loss.image > 0 or cfg.loss.mask > 0:
+        if weights["image"] > 0 or weights["mask"] > 0:
             if self.step % cfg.fit.ref_view_every == 0:
                 terms.update(self._reference_terms())
         if cfg.loss.sds > 0:
@@ -194,8 +207,8 @@ class RealFusionSystem:
         return report
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:
-        out = self.renderer.render(self.field, self.background, self.ref_camera, shading="albedo",
-                                   with_normals=False, stratified=True, occupancy=self.occupancy)
+        out = self.renderer.render(self.method.training_field(), self.background, self.ref_camera,
+                                   shading="albedo", with_normals=False, stratified=True, occupancy=self.occupancy)
         return {
             "image": losses.reference_image_loss(out.rgb[0], out.opacity[0], out.background[0],
                                                  self.reference.premultiplied),
@@ -207,8 +220,8 @@ class RealFusionSystem:
         cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator, self.device)
         shading = self.choose_shading(self.step)
         light = light_directions_near(cameras, self.generator, cfg.render.light_jitter)
-        out = self.renderer.render(self.field, self.background, cameras, shading=shading, light_dir=light,
-                                   with_normals=True, stratified=True, occupancy=self.occupancy)
+        out = self.renderer.render(self.method.training_field(), self.background, cameras, shading=shading,
+                                   light_dir=light, with_normals=True, stratified=True, occupancy=self.occupancy)
         lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
         background = out.background.permute(0, 3, 1, 2).detach()
         guided = self.guidance.sds_loss(out.image(), cameras, lighting, background,  # t ~ U(t_range), as the paper
@@ -234,6 +247,7 @@ class RealFusionSystem:
             field = self.ema.shadow[0]
             background = self.ema.shadow[1] if self.background is not None else None
         field.level_mask.copy_(self.field.level_mask)
+        field = self.method.display_field(field)
         light = light_directions_near(cameras, spread=0.0) if shading != "albedo" else None
         outputs = [
             self.renderer.render(field, background, cameras[i], shading=shading,
@@ -263,6 +277,7 @@ class RealFusionSystem:
             "ema": self.ema.state_dict(),
             "occupancy": self.occupancy.state_dict(),
             "generator": self.generator.get_state(),
+            "method": self.method.state_dict(),
             "config": self.cfg.to_dict(),
         }
 
@@ -275,4 +290,7 @@ class RealFusionSystem:
         self.ema.load_state_dict(state["ema"])
         self.occupancy.load_state_dict(state["occupancy"])
         self.generator.set_state(state["generator"])
+        self.method.load_state_dict(state.get("method") or {})
 
+
+ReconstructionSystem = RealFusionSystem  # the loop is every method's, not RealFusion's alone

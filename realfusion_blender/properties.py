@@ -16,6 +16,8 @@ PRESET_ITEMS = (
 )
 METHOD_ITEMS = (
     ("realfusion", "RealFusion", "Single-image textual inversion + score distillation (Melas-Kyriazi et al. 2023)"),
+    ("conrad", "ConRad", "Image-constrained radiance field: the photo's own colors on the visible surface "
+                         "(Purushwalkam & Naik 2023)"),
 )
 
 

@@ -155,7 +155,7 @@ def test_health_describes_the_engine(server, tiny_sd_dir):
     assert status == 200
     assert health["ok"] is True and health["version"] == engine.__version__
     assert health["device"] == "cpu" and health["gpu"] is None
-    assert health["methods"] == ["realfusion"] and health["presets"] == ["fast", "standard", "paper"]
+    assert health["methods"] == ["realfusion", "conrad"] and health["presets"] == ["fast", "standard", "paper"]
     assert health["model"] == str(tiny_sd_dir) and isinstance(health["queue"], int)
     assert [(w["device"], w["gpu"]) for w in health["workers"]] == [("cpu", None)]  # --device cpu: one worker
 
@@ -185,6 +185,14 @@ def test_job_runs_to_done_and_serves_its_results(server, done_job):
 
     status, refused = server.call("POST", f"/jobs/{job['id']}/resume")
     assert status == 409 and refused["error"]["fix"]
+
+
+def test_a_conrad_job_runs_to_done(server, photo_b64, done_job):
+    status, job = server.call("POST", "/jobs", job_request(photo_b64, method="conrad"))
+    assert status == 201 and job["settings"]["method"] == "conrad", job
+    job = server.wait(job["id"], timeout=120)
+    assert job["state"] == "done", f"{job}\n{server.log_tail()}"
+    assert {"field.pt", "turntable.png"} <= set(job["files"])
 
 
 @pytest.mark.parametrize("change, status, words", [

@@ -26,7 +26,10 @@ from ..cameras import Cameras, reference_camera
 from ..config import ExportConfig, ReconstructionConfig
 from ..errors import ExportError
 from ..outputs import STATUS_FILE, OutputDir, atomic_write_bytes, atomic_write_json, to_uint8
-from ..pipeline import FIELD_FILE, Progress, ProgressCallback, resolve_device
+from ..device import resolve_device
+from ..field_file import FIELD_FILE, load_field
+from ..methods import method_for
+from ..progress import Progress, ProgressCallback
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
 from .mesh import DensityField, Outline, extract_surface, object_bound
 from .placement import Placement, camera_description
@@ -85,24 +88,11 @@ def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch
         raise ExportError(f"There is no {FIELD_FILE} in {outdir}, so nothing to export.",
                           "Run `realfusion reconstruct IMAGE -o FOLDER` first and export that folder.")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    from ..fields.radiance_field import RadianceField
-    from ..renderer import OccupancyGrid, OccupiedField
-
     try:
-        state = torch.load(path, map_location=dev, weights_only=False)
-        run_cfg = ReconstructionConfig.from_dict(state["config"])
-        field = RadianceField(run_cfg.field).to(dev)
-        field.load_state_dict(state["field"])
-        if state.get("occupancy") is not None:
-            render = run_cfg.render
-            grid = OccupancyGrid(render.occupancy_resolution, run_cfg.field.bound, render.occupancy_decay,
-                                 render.occupancy_threshold).to(dev)
-            grid.load_state_dict(state["occupancy"])
-            field = OccupiedField(field, grid)
+        field, run_cfg = load_field(path, dev)  # as its method draws it (ConRad: the constrained field)
     except Exception as exc:  # a torn or foreign file: say which, not a traceback
         raise ExportError(f"{path} could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}).",
                           "Run `realfusion reconstruct` again into this folder to write it anew.") from exc
-    field.eval()
     export_cfg = dataclasses.replace(cfg or run_cfg.export, **changes)
     camera = reference_camera(run_cfg.camera, run_cfg.matting.image_size)
     result = export_field(field, run_cfg.field.bound, camera, outdir, export_cfg, device=dev, report=report,
@@ -120,7 +110,7 @@ def _reference_outline(outdir: Path, run_cfg: ReconstructionConfig) -> Outline |
 
     try:
         with Image.open(Path(outdir) / MASK_NAME) as image:
-            mask = image.convert("L")
+            mask = method_for(run_cfg.method).outline_mask(image.convert("L"), run_cfg)  # ConRad may grow it
             size = min(OUTLINE_PIXELS, mask.width)
             mask = np.asarray(mask.resize((size, size), Image.BOX), np.float32) / 255.0 > 0.5
     except (OSError, ValueError):

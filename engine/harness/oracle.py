@@ -84,7 +84,7 @@ def oracle_prior(mesh: ColoredMesh):
     """A prior factory for `engine.pipeline.reconstruct`, like `stable_diffusion_prior`."""
 
     def make(cfg, reference, device, out, report):
-        from ..pipeline import Progress
+        from ..progress import Progress
 
         report(Progress("prior"))
         return OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(cfg.seed), gain=oracle_gain(cfg))

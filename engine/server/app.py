@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
-from ..cli import METHODS
+from ..methods import METHODS
 from ..config import PRESETS
 from ..errors import EngineError, InputImageError
 from .jobs import (FINISHED, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings, UnknownJob)

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field
 
 from ..config import PRESETS
+from ..methods import METHODS
 
 PresetName = Literal[tuple(PRESETS)]  # "fast" | "standard" | "paper"
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
@@ -28,7 +29,7 @@ class JobRequest(BaseModel):
     image_png_base64: str = Field(description="the photo's bytes (PNG or JPEG), base64")
     filename: str = Field("input.png", description="the photo's file name, for display")
     preset: PresetName = "standard"
-    method: Literal["realfusion"] = "realfusion"
+    method: Literal[tuple(METHODS)] = "realfusion"  # "realfusion" | "conrad"
     seed: int = 0
     model: Optional[str] = Field(None, description="Stable Diffusion hub id or folder; null: the server's")
     overrides: list[str] = Field(default_factory=list, description='config overrides, e.g. "fit.iterations=500"')

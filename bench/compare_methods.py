@@ -1,0 +1,250 @@
+"""RealFusion against ConRad on every harness object with the oracle prior: one table, contact sheets side by side.
+
+    python bench/compare_methods.py --device cuda [--presets demo fast] [--objects box mug figure]
+                                    [--methods realfusion conrad] [--gpus 0,1,2,3] [--set section.key=value ...]
+                                    [--method-set conrad:conrad.outside_mask=field] [--tag NAME] [--readme]
+
+Each run is the real command line, `realfusion demo -o DIR --object O --preset P --method M --restart`
+(reconstruct with the oracle prior, export, `realfusion eval`), timed from outside. From each run it keeps
+eval.json's mesh scores (reference-view PSNR / SSIM / mask IoU against the input, novel-view PSNR / SSIM
+against the ground truth, F-score, Chamfer) and adds the field's own reference-view PSNR / SSIM: field.pt
+read back as the export reads it (ConRad: the constrained field) and volume-rendered from the reference
+camera at the input's size over white, against reference.png over white.
+
+Writes bench/results/methods_<device>.json, a markdown table methods_<device>.md, and per object and preset
+a contact sheet methods_<device>/<object>_<preset>.png (one eval.png per method, stacked in --methods order:
+rows input / reconstruction / ground truth). --readme replaces the table in README.md between its
+`<!-- methods-table -->` markers. --gpus runs that many runs at once, one per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+RESULTS = ROOT / "bench" / "results"
+TARGET_MESH_REFERENCE_PSNR = 30.0  # issue 13: ConRad's mesh must reproduce the reference view at this, every object
+README_MARKERS = ("<!-- methods-table -->", "<!-- /methods-table -->")
+
+
+def device_slug(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).lower().replace(" ", "-")
+    return "cpu"
+
+
+def run_one(out: Path, obj: str, preset: str, method: str, device: str, overrides: list[str], gpu: str | None) -> dict:
+    """One `realfusion demo` in a subprocess; its scores, or the error it ended with."""
+    args = [sys.executable, "-m", "engine.cli", "demo", "-o", str(out), "--object", obj, "--preset", preset,
+            "--method", method, "--device", device, "--restart"]
+    for override in overrides:
+        args += ["--set", override]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(out / "run.log", "w") as log:
+        code = subprocess.call(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = round(time.perf_counter() - started, 1)
+    row = {"object": obj, "preset": preset, "method": method, "wall_s": wall, "exit_code": code,
+           "outdir": str(out)}
+    if code != 0:
+        row["error"] = (out / "run.log").read_text()[-2000:]
+        return row
+    scores = json.loads((out / "eval.json").read_text())
+    reference, novel, geometry = scores["reference_view"], scores["novel_views"], scores["geometry"]
+    row.update({
+        "mesh_reference_psnr": reference["psnr"], "mesh_reference_ssim": reference["ssim"],
+        "mesh_reference_iou": reference["mask_iou"],
+        "novel_psnr": novel["psnr"], "novel_ssim": novel["ssim"],
+        "fscore": geometry["fscore"], "chamfer": geometry["chamfer"],
+        # eval.json's own field scores (field_reference.png, at the fit's reference render size), where present
+        "field_reference_psnr_fit_size": (reference.get("field") or {}).get("psnr"),
+        **field_reference_scores(out, device),
+    })
+    return row
+
+
+def field_reference_scores(outdir: Path, device: str) -> dict:
+    """PSNR / SSIM of the field itself (as the export reads it) in the reference view, at the input's size."""
+    import torch
+
+    from engine.cameras import reference_camera
+    from engine.device import resolve_device
+    from engine.field_file import FIELD_FILE, load_field
+    from engine.harness import metrics
+    from engine.harness.evaluate import over_white
+    from engine.matting import REFERENCE_NAME
+    from engine.renderer import VolumeRenderer
+
+    from engine.harness.evaluate import resized
+
+    dev = resolve_device(device)
+    field, cfg = load_field(outdir / FIELD_FILE, dev)
+    truth, _alpha = over_white(outdir / REFERENCE_NAME)
+    size = truth.shape[0]
+    while True:  # the whole image in one batch of rays; halve it if the GPU cannot hold that
+        camera = reference_camera(cfg.camera, size, dev)
+        try:
+            with torch.no_grad():
+                rendered = VolumeRenderer(cfg.render, cfg.field.bound).render(field, None, camera, with_normals=False)
+            break
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
+    image = rendered.rgb[0].clamp(0, 1).cpu().numpy()
+    if size != truth.shape[0]:
+        truth = resized(truth, size)
+    return {"field_reference_psnr": metrics.psnr(image, truth), "field_reference_ssim": metrics.ssim(image, truth),
+            "field_reference_resolution": size}
+
+
+def side_by_side(rows: list[dict], methods: list[str], path: Path) -> None:
+    """The runs' eval.png sheets stacked, in `methods` order, with a gap between them."""
+    from PIL import Image
+
+    sheets = []
+    for method in methods:
+        row = next((r for r in rows if r["method"] == method and r.get("exit_code") == 0), None)
+        if row is not None and (Path(row["outdir"]) / "eval.png").is_file():
+            sheets.append(np.asarray(Image.open(Path(row["outdir"]) / "eval.png").convert("RGB")))
+    if not sheets:
+        return
+    width = max(s.shape[1] for s in sheets)
+    gap = np.full((8, width, 3), 255, np.uint8)
+    padded = [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in sheets]
+    stacked = np.concatenate([part for s in padded for part in (s, gap)][:-1], 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stacked).save(path)
+
+
+def markdown_table(rows: list[dict], device: str) -> str:
+    def fmt(value, spec=".2f"):
+        return "inf" if value is None else "-" if isinstance(value, str) else format(value, spec)
+
+    lines = [f"Oracle prior, `realfusion demo`, device {device}. Reference view: against the input; novel views: "
+             "7 turntable views against the ground truth; F-score at 0.05.", "",
+             "| object | preset | method | mesh ref PSNR | mesh ref SSIM | field ref PSNR | field ref SSIM | "
+             "novel PSNR | F-score | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("exit_code") != 0:
+            lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | failed (exit {r['exit_code']}) "
+                         "| | | | | | |")
+            continue
+        lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | {fmt(r['mesh_reference_psnr'])} | "
+                     f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['field_reference_psnr'])} | "
+                     f"{fmt(r['field_reference_ssim'], '.3f')} | {fmt(r['novel_psnr'])} | {fmt(r['fscore'], '.3f')} | "
+                     f"{r['wall_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(rows: list[dict]) -> dict:
+    """Issue 13's targets, per object and preset: ConRad's mesh at >= 30 dB in the reference view, and its
+    novel-view PSNR and F-score no worse than RealFusion's on the same object."""
+    out = {}
+    for r in rows:
+        if r["method"] != "conrad" or r.get("exit_code") != 0:
+            continue
+        base = next((b for b in rows if b["method"] == "realfusion" and b["object"] == r["object"]
+                     and b["preset"] == r["preset"] and b.get("exit_code") == 0), None)
+        psnr = r["mesh_reference_psnr"]
+        out[f"{r['object']}/{r['preset']}"] = {
+            "mesh_reference_psnr_ok": psnr is None or psnr >= TARGET_MESH_REFERENCE_PSNR,
+            "novel_psnr_not_worse": None if base is None else r["novel_psnr"] >= base["novel_psnr"],
+            "fscore_not_worse": None if base is None else r["fscore"] >= base["fscore"],
+        }
+    return out
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} markers to put the table between")
+    head, rest = text.split(start, 1)
+    _old, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+def main() -> int:
+    from engine.harness.objects import OBJECTS
+    from engine.methods import METHODS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["demo", "fast"])
+    parser.add_argument("--objects", nargs="+", default=list(OBJECTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--gpus", help="comma-separated GPU indices: one run on each at a time (default: one run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
+                        help="an override for one method's runs only, e.g. conrad:conrad.outside_mask=field")
+    parser.add_argument("--tag", default="", help="results go to methods_<device>_<tag>.* (a variant's own files)")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "compare_methods")
+    parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    args = parser.parse_args()
+
+    slug = device_slug(args.device) + (f"_{args.tag}" if args.tag else "")
+    per_method: dict[str, list[str]] = {}
+    for item in args.method_set:
+        method, sep, override = item.partition(":")
+        if not sep or method not in METHODS:
+            parser.error(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of {list(METHODS)}")
+        per_method.setdefault(method, []).append(override)
+    jobs = [(o, p, m) for o in args.objects for p in args.presets for m in args.methods]
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    free = list(gpus)
+    lock = threading.Lock()
+
+    def work(job):
+        obj, preset, method = job
+        with lock:
+            gpu = free.pop()
+        try:
+            row = run_one(args.workdir / slug / f"{obj}_{preset}_{method}", obj, preset, method,
+                          args.device, args.overrides + per_method.get(method, []), gpu)
+        finally:
+            with lock:
+                free.append(gpu)
+        print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+        return row
+
+    with ThreadPoolExecutor(len(gpus)) as pool:
+        rows = list(pool.map(work, jobs))
+
+    for obj in args.objects:
+        for preset in args.presets:
+            side_by_side([r for r in rows if r["object"] == obj and r["preset"] == preset], args.methods,
+                         RESULTS / f"methods_{slug}" / f"{obj}_{preset}.png")
+    table = markdown_table(rows, slug)
+    result = {"device": slug, "presets": args.presets, "objects": args.objects, "methods": args.methods,
+              "overrides": args.overrides, "method_overrides": per_method, "runs": rows, "targets": verdicts(rows)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"methods_{slug}.md").write_text(table)
+    if args.readme:
+        update_readme(table)
+    print(table)
+    print(json.dumps(result["targets"], indent=2))
+    return 0 if all(r.get("exit_code") == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""ConRad (`--method conrad`): the constrained field against closed forms, the shared loop, and the method's
+plumbing through the CLI, the job server's schema and the add-on's menu."""
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from analytic_fields import BallField
+from engine.cameras import reference_camera
+from engine.cli import main
+from engine.config import CameraConfig
+from engine.fields.constrained import ConstrainedField, estimate_depth
+from engine.methods import METHODS
+from engine.system import RealFusionSystem
+from test_cli import reconstruct_args
+from test_system import NoPrior, psnr, small_config, sphere_reference
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, SAMPLES = 32, 64
+
+
+def ball_and_camera(radius=0.4):
+    field = BallField(radius=radius)
+    camera = reference_camera(CameraConfig(), SIZE)
+    return field, camera
+
+
+def true_ball_hits(camera, radius):
+    """Distance along each reference ray [H*W] to the ball's front surface (nan for a miss)."""
+    origins, dirs = (r[0].reshape(-1, 3) for r in camera.rays())
+    b = (origins * dirs).sum(-1)
+    c = (origins * origins).sum(-1) - radius**2
+    disc = b * b - c
+    return torch.where(disc > 0, -b - disc.clamp(min=0).sqrt(), torch.full_like(b, float("nan"))), origins, dirs
+
+
+def constrained_ball(radius=0.4, delta=0.05):
+    field, camera = ball_and_camera(radius)
+    photo = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
+    constrained = ConstrainedField(field, camera.c2w[0], float(camera.fovy[0]), photo, torch.ones(SIZE, SIZE),
+                                   delta, bound=field.bound)
+    constrained.refresh_depth(SIZE, SAMPLES)
+    return constrained, field, camera, photo
+
+
+def test_estimated_depth_is_the_analytic_surface_within_one_sample_spacing():
+    radius = 0.4
+    field, camera = ball_and_camera(radius)
+    depth = estimate_depth(field, camera, field.bound, SAMPLES).reshape(-1)
+    t_true, origins, dirs = true_ball_hits(camera, radius)
+    from engine.renderer import intersect_box
+
+    near, far = intersect_box(origins, dirs, field.bound)
+    forward = -camera.c2w[0, :3, 2]
+    t_estimated = depth / (dirs @ forward)
+    # rays that meet the ball clearly (not grazing its rim): the surface is at the analytic intersection
+    miss_distance = (origins - (origins * dirs).sum(-1, keepdim=True) * dirs).norm(dim=-1)
+    clear = miss_distance < 0.85 * radius
+    assert clear.sum() > 100
+    spacing = (far - near) / SAMPLES
+    # The field reaches optical depth ln 2 at its surface (analytic_fields.ShapeField) and then grows at its peak
+    # density: transmittance falls to 0.05 (optical depth ln 20) a closed-form distance behind the surface.
+    t_threshold = t_true + (math.log(20.0) - math.log(2.0)) / field.peak
+    error = (t_estimated - t_threshold).abs()
+    assert bool((error[clear] <= spacing[clear]).all()), float((error[clear] / spacing[clear]).max())
+    assert bool((depth[miss_distance > radius + 0.1] >= 1e3).all())  # a ray that misses (its tail too) meets nothing
+
+
+def test_a_point_in_front_of_the_surface_takes_the_photos_pixel_and_one_behind_the_fields_albedo():
+    constrained, field, camera, photo = constrained_ball(delta=0.05)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    pixels = torch.nonzero(torch.isfinite(t_true))[:, 0][::7]  # pixel centers the ball covers
+    in_front = origins[pixels] + dirs[pixels] * (t_true[pixels] - 0.2)[:, None]
+    behind = origins[pixels] + dirs[pixels] * (t_true[pixels] + 0.1)[:, None]  # inside the ball, past delta
+    sigma, color = constrained(in_front)
+    expected = photo.reshape(-1, 3)[pixels]
+    assert torch.allclose(color, expected, atol=1e-5), float((color - expected).abs().max())
+    assert torch.equal(sigma, field.density(in_front))  # density is always the field's
+    sigma, color = constrained(behind)
+    assert torch.equal(color, field(behind)[1]) and torch.equal(sigma, field.density(behind))
+    outside = torch.tensor([[0.0, 5.0, 0.0]])  # behind the camera: the photo does not see it
+    assert torch.equal(constrained(outside)[1], field(outside)[1])
+
+
+def test_the_reference_view_of_a_constrained_field_is_the_photo_from_the_first_iteration():
+    torch.manual_seed(0)
+    cfg = small_config("loss.sds=0", "fit.iterations=3")
+    reference, camera = sphere_reference(cfg)
+    baseline = psnr(RealFusionSystem(cfg, reference, NoPrior(), torch.device("cpu")).render(camera).rgb[0],
+                    reference.rgb)
+    cfg.method = "conrad"
+    system = RealFusionSystem(cfg, reference, NoPrior(), torch.device("cpu"))
+    # Untrained, the field is a soft blob that fills the frame: up to 5% of each ray's light (the normalised
+    # transmittance left at the estimated surface) lands behind it, on the field's own albedo.
+    assert psnr(system.render(camera).rgb[0], reference.rgb) > 30.0 > baseline + 10
+    report = system.training_step()
+    assert "mask" in report and system.loss_weights(0)["image"] == 0.0  # no color image loss
+    assert psnr(system.render(camera).rgb[0], reference.rgb) > 30.0
+
+
+def test_unknown_method_is_a_one_line_error_listing_the_methods(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["reconstruct", str(tmp_path / "none.png"), "-o", str(out), "--method", "zero123", "--device", "cpu"]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "zero123" in lines[0] and "realfusion, conrad" in lines[0]
+    assert not out.exists()
+
+
+def test_cli_reconstructs_with_conrad_and_the_export_bakes_the_constrained_field(tmp_path, tiny_sd_dir):
+    from PIL import Image
+
+    from engine.field_file import load_field
+    from synthetic_images import rgba_disc
+
+    out = tmp_path / "out"
+    photo = rgba_disc(tmp_path / "disc.png")
+    assert main(reconstruct_args(photo, out, tiny_sd_dir, tmp_path / "cache", "--method", "conrad")) == 0
+    assert json.loads((out / "status.json").read_text())["state"] == "done"
+    assert json.loads((out / "config.json").read_text())["method"] == "conrad"
+    field, _cfg = load_field(out / "field.pt", torch.device("cpu"))
+    assert isinstance(field, ConstrainedField) and field.depth.shape[-1] == Image.open(out / "reference.png").width
+    assert (out / "mesh.glb").is_file()
+
+
+def test_every_method_is_offered_by_the_server_schema_and_the_addon_menu():
+    from engine.server.schemas import JobRequest
+
+    assert list(METHODS) == ["realfusion", "conrad"]
+    assert JobRequest(image_png_base64="", method="conrad").method == "conrad"
+    with pytest.raises(ValueError):
+        JobRequest(image_png_base64="", method="zero123")
+    tree = ast.parse((REPO / "realfusion_blender" / "properties.py").read_text())
+    items = next(node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and getattr(node.targets[0], "id", None) == "METHOD_ITEMS")
+    assert [ast.literal_eval(item)[0] for item in items.elts] == list(METHODS)
+
+
+@pytest.mark.parametrize("outside_mask", ["background", "field"])
+def test_where_the_photo_shows_no_object_a_point_takes_the_background_or_the_fields_albedo(outside_mask):
+    field, camera = ball_and_camera()
+    photo = torch.ones(SIZE, SIZE, 3)  # over white
+    mask = torch.zeros(SIZE, SIZE)
+    constrained = ConstrainedField(field, camera.c2w[0], float(camera.fovy[0]), photo, mask, 0.05,
+                                   bound=field.bound, outside_mask=outside_mask)
+    constrained.refresh_depth(SIZE, SAMPLES)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    pixels = torch.nonzero(torch.isfinite(t_true))[:, 0][::11]
+    points = origins[pixels] + dirs[pixels] * t_true[pixels, None]  # on the ball's front, where the mask is empty
+    color = constrained(points)[1]
+    expected = torch.ones_like(color) if outside_mask == "background" else field(points)[1]
+    assert torch.allclose(color, expected, atol=1e-6)
