@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args):
-    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model)
+    """The whole config, validated (engine.validation) before any work starts."""
+    from .validation import checked_config
+
+    return checked_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model,
+                          initializer=getattr(args, "initializer", None))
 
 
 class StageBars:
