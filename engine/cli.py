@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest photo accepted, in MiB (default 50)")
     srv.add_argument("--max-megapixels", type=float, default=64.0,
                      help="largest photo accepted, in millions of pixels (default 64)")
+    srv.add_argument("--header-timeout", type=float, default=10.0, help=argparse.SUPPRESS)  # tests: seconds
 
     exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
                                              "its camera; `reconstruct` runs this at its end")
@@ -206,7 +207,7 @@ def cmd_serve(args) -> int:
     gpus = args.gpus if args.gpus is not None or args.device != "auto" else "all"
     settings = ServerSettings(model=args.model, device=args.device, gpus=gpus, cache_dir=args.cache_dir,
                               host=args.host, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                              max_pixels=int(args.max_megapixels * 1e6))
+                              max_pixels=int(args.max_megapixels * 1e6), header_timeout_s=args.header_timeout)
     return serve(args.data_dir or default_jobs_dir(), settings, port=args.port)
 
 

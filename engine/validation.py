@@ -59,9 +59,7 @@ def validate_config(cfg: ReconstructionConfig) -> None:
     """Raise InvalidSettings naming every bad setting of `cfg`; return None when it can run."""
     problems = _type_problems(cfg, "")
     if not problems:  # ranges compare values: only once every value has its type
-        problems = _value_problems(cfg)
-    if not problems and cfg.export.enabled:
-        problems = _export_problems(cfg)
+        problems = _value_problems(cfg) + (_export_problems(cfg) if cfg.export.enabled else [])
     if problems:
         raise InvalidSettings(problems)
 

@@ -61,7 +61,6 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 # Uploads read and decoded at once; more wait their turn unread (TCP holds them), so memory stays at about
 # UPLOAD_SLOTS x 5 x the largest upload however many clients send at the same time.
 UPLOAD_SLOTS = 2
-HEADER_TIMEOUT_S = 10.0  # a connection must send a request's whole header within this, or it is closed
 KEEP_ALIVE_S = 5.0
 CONTENT_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".pt": "application/octet-stream",
                  ".json": "application/json", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -521,15 +520,15 @@ def serve(jobs_dir: Path, settings: ServerSettings, port: int = 8765, prior_fact
         print(f"warning: listening on {settings.host}: anyone who can reach this machine and has the token can "
               "submit jobs and read their results, over plain HTTP.", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5,
-                            http=_header_timeout_protocol(), timeout_keep_alive=int(KEEP_ALIVE_S),
+                            http=_header_timeout_protocol(settings.header_timeout_s), timeout_keep_alive=int(KEEP_ALIVE_S),
                             h11_max_incomplete_event_size=64 * 1024)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
-def _header_timeout_protocol():
+def _header_timeout_protocol(timeout_s: float):
     """uvicorn's h11 protocol, closing a connection that has not sent a whole request header within
-    HEADER_TIMEOUT_S of connecting (or of its last answer): uvicorn's keep-alive timer stops at the first
+    `timeout_s` of connecting (or of its last answer): uvicorn's keep-alive timer stops at the first
     byte, so a client trickling a header (or sending nothing) would otherwise hold its connection forever."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -561,7 +560,7 @@ def _header_timeout_protocol():
         def _arm_header_timer(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._header_timeout)
+            self._header_timer = self.loop.call_later(timeout_s, self._header_timeout)
 
         def _header_timeout(self) -> None:
             self._header_timer = None

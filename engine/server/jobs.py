@@ -173,6 +173,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     max_upload_bytes: int = 50 * 1024 * 1024  # the photo's bytes, decoded
     max_pixels: int = 64_000_000  # the photo's width x height, read from its header
+    header_timeout_s: float = 10.0  # a connection must send a whole request header within this, or is closed
 
     @property
     def default_model(self) -> str:
@@ -498,8 +499,8 @@ class JobStore:
             atomic_write_json(folder / JOB_FILE, dataclasses.replace(job, state=QUEUED).to_record())
         except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
-            if is_disk_full(exc) and not isinstance(exc, DiskFullError):
-                raise _disk_full(exc) from exc
+            if is_disk_full(exc):
+                raise _disk_full(exc) from exc  # 507, with the server's fix
             raise
         with self._lock:
             job.created = job.updated = time.time()  # under the lock: "created" order is the queue's order
@@ -747,7 +748,7 @@ class JobStore:
             atomic_write_json(self.jobs_dir / job.id / JOB_FILE, job.to_record())
         except (OSError, EngineError) as exc:
             if strict:
-                raise exc if isinstance(exc, DiskFullError) or not is_disk_full(exc) else _disk_full(exc)
+                raise _disk_full(exc) if is_disk_full(exc) else exc
             log.warning("job %s: could not save %s (%s)", job.id, JOB_FILE, exc)
 
     def _write_folder_status(self, job: Job) -> None:
@@ -808,8 +809,10 @@ def _takes(runner: Callable, name: str) -> bool:
     return any(p.name == name or p.kind == p.VAR_KEYWORD for p in params)
 
 
-def _disk_full(exc: OSError) -> DiskFullError:
-    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+def _disk_full(exc: BaseException) -> DiskFullError:
+    """The server's DiskFullError for a failed write (raw ENOSPC/EDQUOT, or the writers' DiskFullError)."""
+    os_error = exc if isinstance(exc, OSError) else exc.__cause__
+    where = f" writing {os_error.filename}" if getattr(os_error, "filename", None) else ""
     return DiskFullError(f"The server's disk is full{where}.",
                          "Free disk space (old jobs in the server's data folder can be deleted) and try again.")
 
