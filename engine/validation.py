@@ -98,7 +98,8 @@ def _is(value, kind) -> bool:
 
 
 def _kind(kind) -> str:
-    return {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}.get(kind, str(kind))
+    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a string"}
+    return names.get(kind, str(kind))
 
 
 def _show(value) -> str:

@@ -223,6 +223,10 @@ def test_token_file_is_never_written_through_a_planted_link(tmp_path, monkeypatc
     with pytest.raises(FileExistsError):
         app_module.ensure_token(data)
     assert victim.read_text() == "keep me" and victim.stat().st_mode & 0o777 == 0o644
+    (data / "token").symlink_to(victim)  # and a link in the token's own place is refused, neither read nor chmodded
+    with pytest.raises(app_module.EngineError, match="symbolic link"):
+        app_module.ensure_token(data)
+    assert victim.stat().st_mode & 0o777 == 0o644
 
 
 def test_loopback_host_names():
@@ -230,7 +234,8 @@ def test_loopback_host_names():
 
     for host in (b"127.0.0.1", b"127.0.0.1:8765", b"localhost:1", b"[::1]", b"[::1]:8765", b"LOCALHOST", b"127.1.2.3"):
         assert _is_loopback_host(host), host
-    for host in (b"evil.com", b"evil.com:8765", b"::1", b"[::1]x", b"127.0.0.1:80:80", b"", b"[::2]:1", b"127.0.0.1.evil.com"):
+    for host in (b"evil.com", b"evil.com:8765", b"::1", b"[::1]x", b"127.0.0.1:80:80", b"", b"[::2]:1",
+                 b"127.0.0.1.evil.com"):
         assert not _is_loopback_host(host), host
     assert _is_loopback_bind("::1") and _is_loopback_bind("127.0.0.1") and _is_loopback_bind("localhost")
     assert not _is_loopback_bind("0.0.0.0") and not _is_loopback_bind("::")
@@ -248,7 +253,8 @@ class HostServer(Server):
     def _wait_for_port(self, timeout: float = 60.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(r"listening on http://\S+:(\d+) ", self.log.read_text()[self._log_start:])
+            log = self.log.read_bytes()[self._log_start:].decode(errors="replace")  # a byte offset
+            found = re.search(r"listening on http://\S+:(\d+) ", log)
             if found:
                 return int(found[1])
             if self.proc.poll() is not None:
@@ -380,7 +386,11 @@ def test_cancel_during_textual_inversion_takes_seconds_and_a_second_server_chang
     assert status == 201 and job["settings"]["initializer"] == "disc", job
     hardened.wait(job["id"], lambda j: j["stage"] in ("prior", "textual_inversion") or j["state"] != "running",
                   timeout=60)
-    time.sleep(1.0)  # into textual inversion's first step
+    deadline = time.monotonic() + 60  # loading the model is the one part a cancel cannot cut short: wait it out
+    while not hardened.call("GET", "/health")[1]["model_loaded"]:
+        assert time.monotonic() < deadline, hardened.log_tail()
+        time.sleep(0.1)
+    time.sleep(0.5)  # into textual inversion's first step
     folder = hardened.jobs_dir / job["id"]
     assert json.loads((folder / "config.json").read_text())["textual_inversion"]["initializer"] == "disc"
 
@@ -398,7 +408,8 @@ def test_cancel_during_textual_inversion_takes_seconds_and_a_second_server_chang
     assert hardened.call("DELETE", f"/jobs/{job['id']}")[0] == 200
     cancelled = hardened.wait(job["id"], timeout=30)
     assert cancelled["state"] == "cancelled", cancelled
-    assert time.monotonic() - start < 5.0
+    took = time.monotonic() - start  # a step here is ~17 s on a quiet core; the cancel lands inside it
+    assert took < 8.0, (took, hardened.log_tail())
     assert json.loads((folder / "job.json").read_text())["state"] == "cancelled"
 
 
@@ -447,7 +458,8 @@ def test_a_full_disk_answers_507_queues_nothing_and_the_worker_runs_on(small_dis
     try:
         ballast = fill(small_disk)
         status, body = srv.call("POST", "/jobs", job_request(photo))
-        assert status == 507 and "disk is full" in body["error"]["problem"] and "Free disk space" in body["error"]["fix"]
+        assert status == 507 and "disk is full" in body["error"]["problem"], body
+        assert "Free disk space" in body["error"]["fix"]
         assert srv.call("GET", "/jobs")[1]["jobs"] == []  # nothing queued that was not saved
         assert [p.name for p in srv.jobs_dir.iterdir() if p.is_dir()] == []
 

@@ -11,8 +11,8 @@ Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
   GET    /jobs/{id}/events        Server-Sent Events, one `job` event per change (polling works as well)
 
 Every request must carry `Authorization: Bearer <token>`, the token the server generates on
-its first start and keeps in DATA_DIR/token (readable by its user only); /docs (served from the
-installed swagger-ui-bundle, no CDN) and /openapi.json are open. The server listens on 127.0.0.1
+its first start and keeps in DATA_DIR/token (readable by its user only); /docs (Swagger UI from the
+installed fastapi-offline package, no CDN) and /openapi.json are open. The server listens on 127.0.0.1
 unless told otherwise, and on any loopback address (127.x, ::1) only answers requests addressed to
 a loopback name (so a web page cannot reach it through DNS rebinding). Uploads are limited in bytes
 and in pixels (ServerSettings), at most UPLOAD_SLOTS are read at once, and one server at a time may
@@ -44,9 +44,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..cli import METHODS
 from ..config import PRESETS
 from ..errors import DiskFullError, EngineError, InputImageError
+from ..validation import known_methods
 from .jobs import (FINISHED, DataDirLock, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings,
                    UnknownJob)
 from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest, WorkerOut
@@ -55,7 +55,7 @@ log = logging.getLogger("realfusion.server")
 
 TOKEN_FILE = "token"
 OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # no token needed: no data in them
-DOCS_ASSETS = "/docs/assets/"  # Swagger UI's files, from the swagger-ui-bundle package (open too)
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI's files, from the fastapi-offline package (open too)
 BODY_SLACK = 1024 * 1024  # JSON around the base64 photo
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 # Uploads read and decoded at once; more wait their turn unread (TCP holds them), so memory stays at about
@@ -81,6 +81,9 @@ def ensure_token(data_dir: Path) -> str:
     """The server's bearer token from DATA_DIR/token, created (user-only, 0600) on the first start."""
     path = token_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # reading or chmodding it would act on whatever it points to
+        raise EngineError(f"The token file {path} is a symbolic link.",
+                          "Delete it (the server writes a new token on its next start), then start the server again.")
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -128,7 +131,7 @@ class _Guard:
                                      "http://[::1]:PORT.")
         path = scope.get("path") or ""
         if path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS) and not self._authorized(headers):
-            problem = ("The request has no bearer token." if b"authorization" not in headers
+            problem = ("The request has no bearer token." if not headers.get(b"authorization", b"").strip()
                        else "The bearer token is wrong.")
             return await _send_error(send, 401, problem,
                                      f"Send the header `Authorization: Bearer <token>` with the token in "
@@ -256,8 +259,8 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
         finally:
             await run_in_threadpool(store.stop)
 
-    app = FastAPI(title="RealFusion job server", version=__version__, lifespan=lifespan, docs_url=None,
-                  redoc_url=None)
+    app = _fastapi(title="RealFusion job server", version=__version__, lifespan=lifespan, redoc_url=None,
+                   swagger_ui_parameters={"persistAuthorization": True})
     app.state.store = store
     app.state.reconstructor = reconstructor
     app.state.data_dir_lock = lock  # held for the app's life; the kernel drops it when the process ends
@@ -279,7 +282,8 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
                              model_loaded=caches[w["device"]].loaded if w["device"] in caches else None)
                    for w in store.workers()]
         problems = store.problems()
-        return Health(ok=not problems, problems=problems, version=__version__, device=device.type, gpu=gpus[devices[0]], methods=list(METHODS),
+        return Health(ok=not problems, problems=problems, version=__version__, device=device.type,
+                      gpu=gpus[devices[0]], methods=list(known_methods()),
                       presets=list(PRESETS), model=settings.default_model, queue=store.queued_count(),
                       running=store.running_id(), workers=workers, model_loaded=bool(loaded),
                       loaded_model=loaded[0] if loaded else None, model_loads=sum(c.loads for c in caches.values()),
@@ -327,11 +331,9 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
     async def job_events(job_id: str, request: Request):
         store.get(job_id)  # 404 now, not inside the stream
 
-        def event(seen: int) -> tuple[str | None, int, bool]:
-            """(the event, its version, finished) when the job changed since `seen`; in a worker thread, so
-            building and serialising records never holds up the event loop (nor /health) however many watch."""
-            if store.version(job_id) == seen:
-                return None, seen, False
+        def event() -> tuple[str, int, bool]:
+            """(the event, its version, finished): run in a worker thread, so building and serialising the
+            record never holds up the event loop (nor /health) however many clients watch."""
             record, version = store.snapshot(job_id)
             return (f"event: job\ndata: {_job_out(store, record).model_dump_json()}\n\n", version,
                     record["state"] in FINISHED)
@@ -339,9 +341,9 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
         async def stream():
             seen, quiet = -1, 0.0
             while not store.stopping:
-                text, seen_now, finished = await run_in_threadpool(event, seen)
-                if text is not None:
-                    seen, quiet = seen_now, 0.0
+                if store.version(job_id) != seen:  # two dict lookups: cheap enough for the loop itself
+                    text, seen, finished = await run_in_threadpool(event)
+                    quiet = 0.0
                     yield text
                     if finished:
                         return
@@ -412,10 +414,19 @@ class _NotFound(EngineError):
     pass
 
 
+def _fastapi(**kwargs) -> FastAPI:
+    """FastAPI whose /docs loads Swagger UI from the installed fastapi-offline package (works offline);
+    without that package, FastAPI's own /docs (Swagger UI from a CDN: needs the internet)."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        log.info("fastapi-offline is not installed: /docs loads Swagger UI from the internet")
+        return FastAPI(**kwargs)
+    return FastAPIOffline(static_url=DOCS_ASSETS.rstrip("/"), **kwargs)
+
+
 def _add_docs(app: FastAPI) -> None:
-    """/docs from the installed swagger-ui-bundle (works offline), and the bearer scheme in the OpenAPI
-    document, so "Authorize" / "Try it out" send the token."""
-    from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+    """The bearer scheme in the OpenAPI document, so /docs' "Authorize" then "Try it out" send the token."""
     from fastapi.openapi.utils import get_openapi
 
     def openapi():
@@ -430,27 +441,6 @@ def _add_docs(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-        from starlette.staticfiles import StaticFiles
-    except ImportError:  # an install without it: the CDN's Swagger UI (needs the internet)
-        assets = None
-        log.info("swagger-ui-bundle is not installed: /docs loads Swagger UI from the internet")
-    else:
-        assets = DOCS_ASSETS.rstrip("/")
-        app.mount(assets, StaticFiles(directory=swagger_ui_path), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    def docs():
-        urls = ({"swagger_js_url": f"{assets}/swagger-ui-bundle.js", "swagger_css_url": f"{assets}/swagger-ui.css",
-                 "swagger_favicon_url": f"{assets}/favicon-32x32.png"} if assets else {})
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs",
-                                   oauth2_redirect_url="/docs/oauth2-redirect",
-                                   swagger_ui_parameters={"persistAuthorization": True}, **urls)
-
-    @app.get("/docs/oauth2-redirect", include_in_schema=False)
-    def docs_redirect():
-        return get_swagger_ui_oauth2_redirect_html()
 
 
 def _error(status: int, problem: str, fix: str, **extra) -> JSONResponse:
@@ -520,7 +510,8 @@ def serve(jobs_dir: Path, settings: ServerSettings, port: int = 8765, prior_fact
         print(f"warning: listening on {settings.host}: anyone who can reach this machine and has the token can "
               "submit jobs and read their results, over plain HTTP.", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5,
-                            http=_header_timeout_protocol(settings.header_timeout_s), timeout_keep_alive=int(KEEP_ALIVE_S),
+                            http=_header_timeout_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=int(KEEP_ALIVE_S),
                             h11_max_incomplete_event_size=64 * 1024)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

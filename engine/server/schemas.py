@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, Field
 
 from ..config import PRESETS
-from ..validation import INITIALIZER_PATTERN
+from ..validation import INITIALIZER_PATTERN, known_methods
 
 # What one request may carry, so no request makes every later answer slow (each job's record is read
 # and serialised on every status request and event); generous for real use (the presets need no overrides).
@@ -20,6 +20,7 @@ MAX_FILENAME_CHARS = 255
 MAX_MODEL_CHARS = 1024
 
 PresetName = Literal[tuple(PRESETS)]  # "fast" | "standard" | "paper"
+MethodName = Literal[known_methods()]  # "realfusion"
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 
 
@@ -36,7 +37,7 @@ class JobRequest(BaseModel):
     image_png_base64: str = Field(description="the photo's bytes (PNG or JPEG), base64")
     filename: str = Field("input.png", max_length=MAX_FILENAME_CHARS, description="the photo's file name, for display")
     preset: PresetName = "standard"
-    method: Literal["realfusion"] = "realfusion"
+    method: MethodName = "realfusion"
     seed: int = Field(0, description="0 to 2**32 - 1")
     model: Optional[str] = Field(None, max_length=MAX_MODEL_CHARS,
                                  description="Stable Diffusion hub id or folder; null: the server's")
