@@ -2,6 +2,7 @@
 second and Server-Sent Events per second. A measurement, not a test:
 
     python bench/server_load.py [--seconds 5]
+    python bench/server_load.py --hardening   # issue 15's attacks -> bench/results/server_hardening.json
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from synthetic_images import rgba_disc  # noqa: E402
 from test_cli import TINY  # noqa: E402
@@ -39,7 +40,14 @@ def run_concurrently(target, count: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
-    args = parser.parse_args()
+    parser.add_argument("--hardening", action="store_true", help="run the issue-15 attacks instead "
+                        "(bench/server_hardening.py: writes bench/results/server_hardening.json)")
+    args, rest = parser.parse_known_args()
+    if args.hardening:
+        import server_hardening
+
+        sys.argv = [sys.argv[0], *rest]
+        return server_hardening.main()
     tmp = Path(tempfile.mkdtemp(prefix="realfusion-load-"))
     model = build_tiny_stable_diffusion(tmp / "tiny_sd")
     log = tmp / "server.log"

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import __version__
 from .config import DEMO_PRESETS, PRESETS, build_config
 from .errors import ConfigError, EngineError
-from .methods import METHODS, method_for  # noqa: F401  (METHODS re-exported: the server's older import)
+from .methods import METHODS
 
 METHOD_HELP = "; ".join(f"{name}: {method.description}" for name, method in METHODS.items())
 
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=50.0, help="largest photo accepted, in MiB (default 50)")
     srv.add_argument("--max-megapixels", type=float, default=64.0,
                      help="largest photo accepted, in millions of pixels (default 64)")
+    srv.add_argument("--header-timeout", type=float, default=10.0, help=argparse.SUPPRESS)  # tests: seconds
 
     exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
                                              "its camera; `reconstruct` runs this at its end")
@@ -91,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_config(args):
-    method_for(args.method)  # an unknown method is refused before any work, with the list of methods
-    return build_config(args.preset, args.overrides, seed=args.seed, method=args.method,
-                        model=getattr(args, "model", None), initializer=getattr(args, "initializer", None))
+    """The whole config, validated (engine.validation) before any work starts."""
+    from .validation import checked_config
+
+    return checked_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model,
+                          initializer=getattr(args, "initializer", None))
 
 
 class StageBars:
@@ -209,7 +212,7 @@ def cmd_serve(args) -> int:
     gpus = args.gpus if args.gpus is not None or args.device != "auto" else "all"
     settings = ServerSettings(model=args.model, device=args.device, gpus=gpus, cache_dir=args.cache_dir,
                               host=args.host, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                              max_pixels=int(args.max_megapixels * 1e6))
+                              max_pixels=int(args.max_megapixels * 1e6), header_timeout_s=args.header_timeout)
     return serve(args.data_dir or default_jobs_dir(), settings, port=args.port)
 
 

@@ -33,6 +33,10 @@ class OutputDirError(EngineError):
     exit_code = 6
 
 
+class DiskFullError(OutputDirError):
+    """A write failed because the disk (or the user's quota) is full: the server answers 507."""
+
+
 class ExportError(EngineError):
     """The field cannot be turned into a mesh (empty, fills its box, or a bad export setting)."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import OutputDirError
+from .errors import DiskFullError, OutputDirError
 
 STATUS_FILE = "status.json"
 FIELD_REFERENCE_FILE = "field_reference.png"  # the fitted field seen from the reference camera (RGBA)
@@ -39,10 +39,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OutputDirError(f"The disk holding {path.parent} is full.",
-                                 "Free some space (or pick another output folder) and run again.") from exc
+        if is_disk_full(exc):
+            raise DiskFullError(f"The disk holding {path.parent} is full.",
+                                "Free some space (or pick another output folder) and run again.") from exc
         raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, raw or already turned into DiskFullError by the writers here."""
+    if isinstance(exc, DiskFullError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files that atomic_write_bytes leaves when its process is killed mid-write
+    (".<name>.<random>.tmp", and the writable probe); returns how many. Run only where no writer is live."""
+    removed = 0
+    for path in Path(folder).rglob(".*"):
+        if path.is_file() and not path.is_symlink() and (path.name.endswith(".tmp") or path.name == ".write-test"):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def _umask() -> int:
@@ -100,6 +121,9 @@ class OutputDir:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFullError(f"The disk holding {self.path} is full.",
+                                    "Free some space (or pick another output folder) and run again.") from exc
             raise OutputDirError(f"Cannot write to the output folder {self.path} ({exc.strerror}).",
                                  "Pick a folder you can write to with -o, or fix its permissions.") from exc
 

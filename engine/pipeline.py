@@ -80,10 +80,11 @@ class ModelCache:
 
 
 def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = None,
-                           models: ModelCache | None = None):
+                           models: ModelCache | None = None, check_cancel: Callable[[], None] | None = None):
     """The paper's prior: Stable Diffusion guided by a prompt with a token learned from the image.
 
-    With `models`, the model is taken from (and kept in) that cache instead of loaded for this run.
+    With `models`, the model is taken from (and kept in) that cache instead of loaded for this run;
+    `check_cancel()` raises to stop textual inversion between its micro-batches.
     """
 
     def make(cfg: ReconstructionConfig, reference: ReferenceImage, device: torch.device, out: OutputDir,
@@ -105,6 +106,7 @@ def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = No
             learned, _from_cache = cached_or_train(
                 sd, image, reference.content_hash, ti, cache_dir or default_cache_dir() / "embeddings", generator,
                 progress=lambda step, loss: report(Progress("textual_inversion", step + 1, ti.steps, {"loss": loss})),
+                check_cancel=check_cancel,
             )
             learned.save(out.file(EMBEDDING_FILE))
         prompt = ti.prompt.format(ti.placeholder if ti.enabled else ti.initializer)
@@ -119,8 +121,10 @@ def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = No
 
 
 def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, device: str | None = None,
-                prior=None, report: ProgressCallback | None = None, resume: bool = True) -> OutputDir:
-    """Run every stage; on any error the status says `failed` with the message, and the error propagates."""
+                prior=None, report: ProgressCallback | None = None, resume: bool = True,
+                check_cancel: Callable[[], None] | None = None) -> OutputDir:
+    """Run every stage; on any error the status says `failed` with the message, and the error propagates.
+    `check_cancel()` (the server's) raises to stop the job; the fit calls it before every step."""
     report = report or (lambda _p: None)
     out = OutputDir(outdir)
     dev = resolve_device(device)
@@ -141,7 +145,7 @@ def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, de
                                   guidance, dev, seed=cfg.seed)
         if resume:
             _resume_if_possible(system, out)
-        fit(system, out, report)
+        fit(system, out, report, check_cancel)
 
         out.set_status("running", "turntable")
         report(Progress("turntable"))
@@ -162,9 +166,12 @@ def reconstruct(image_path: Path, outdir: Path, cfg: ReconstructionConfig, *, de
     return out
 
 
-def fit(system: RealFusionSystem, out: OutputDir, report: ProgressCallback) -> None:
+def fit(system: RealFusionSystem, out: OutputDir, report: ProgressCallback,
+        check_cancel: Callable[[], None] | None = None) -> None:
     fit_cfg = system.cfg.fit
     while system.step < fit_cfg.iterations:
+        if check_cancel is not None:
+            check_cancel()
         metrics = system.training_step()
         step = system.step
         preview = None

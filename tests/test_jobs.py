@@ -191,7 +191,10 @@ def test_out_of_gpu_memory_or_disk_fails_that_job_clearly_and_the_next_one_runs(
 
 
 def test_a_full_disk_while_saving_job_records_does_not_kill_the_worker(tmp_path, runner, monkeypatch):
+    """A job whose record cannot be saved is refused (507 in the API), not queued; a running job whose later
+    record saves fail goes on (its state is right in memory); the worker lives on for the next job."""
     import engine.server.jobs as jobs_module
+    from engine.errors import DiskFullError
 
     jobs = JobStore(tmp_path / "jobs", runner)
     jobs.start()
@@ -200,10 +203,20 @@ def test_a_full_disk_while_saving_job_records_does_not_kill_the_worker(tmp_path,
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(jobs_module, "atomic_write_json", full)
-        job = jobs.submit(PNG, JobSettings())
-        assert wait_state(jobs, job["id"], "done")["error"] is None  # state kept in memory, served as usual
+        with pytest.raises(DiskFullError, match="disk is full"):
+            jobs.submit(PNG, JobSettings())
+        assert jobs.jobs() == [] and list((tmp_path / "jobs").iterdir()) == []  # nothing queued, nothing left
+        monkeypatch.undo()
+
+        runner.hold.set()
+        job = jobs.submit(PNG, JobSettings())  # saved; then the disk fills while it runs
+        runner.started.wait(5)
+        monkeypatch.setattr(jobs_module, "atomic_write_json", full)
+        runner.hold.clear()
+        assert wait_state(jobs, job["id"], "done")["error"] is None
         monkeypatch.undo()
         assert wait_state(jobs, jobs.submit(PNG, JobSettings())["id"], "done")["state"] == "done"
+        assert jobs.problems() == []
     finally:
         jobs.stop()
 

@@ -131,11 +131,13 @@ class LearnedEmbedding:
 
 
 def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInversionConfig,
-                    generator: torch.Generator, progress: Progress | None = None) -> LearnedEmbedding:
+                    generator: torch.Generator, progress: Progress | None = None,
+                    check_cancel: Callable[[], None] | None = None) -> LearnedEmbedding:
     """Fit the placeholder's embedding to `image` ([3,H,W] in [0,1], object on white).
 
     One step = `grad_accumulation` micro-batches of `batch_size` augmented views, then one
     AdamW update (constant lr, as the official recipe); `progress(step, loss)` after each.
+    `check_cancel()` runs before every micro-batch and raises to stop (a step can take minutes on a CPU).
     """
     token_id = add_placeholder_token(sd, cfg.placeholder, cfg.initializer)
     initial = sd.text_encoder.get_input_embeddings().weight[token_id].detach().float()
@@ -149,6 +151,8 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
     for step in range(cfg.steps):
         loss = 0.0
         for _ in range(cfg.grad_accumulation):
+            if check_cancel is not None:
+                check_cancel()
             micro = _denoising_loss(sd, image, vector, token_id, prompt, cfg, generator) / cfg.grad_accumulation
             scaler.scale(micro).backward()
             loss += micro.item()
@@ -190,8 +194,8 @@ def embedding_cache_key(content_hash: str, sd: StableDiffusion, cfg: TextualInve
 
 
 def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str, cfg: TextualInversionConfig,
-                    cache_dir: Path, generator: torch.Generator,
-                    progress: Progress | None = None) -> tuple[LearnedEmbedding, bool]:
+                    cache_dir: Path, generator: torch.Generator, progress: Progress | None = None,
+                    check_cancel: Callable[[], None] | None = None) -> tuple[LearnedEmbedding, bool]:
     """The cached embedding for this image/model/recipe if there is one (True), else train it (False).
 
     Textual inversion is the longest phase (about an hour at paper settings), so re-running
@@ -201,7 +205,7 @@ def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str,
     if cfg.cache and path.is_file():
         with contextlib.suppress(Exception):  # unreadable entry (old format, disk trouble): retrain
             return LearnedEmbedding.load(path), True
-    embedding = train_embedding(sd, image, cfg, generator, progress)
+    embedding = train_embedding(sd, image, cfg, generator, progress, check_cancel)
     if cfg.cache:
         embedding.save(path)
     return embedding, False

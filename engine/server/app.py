@@ -11,10 +11,12 @@ Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
   GET    /jobs/{id}/events        Server-Sent Events, one `job` event per change (polling works as well)
 
 Every request must carry `Authorization: Bearer <token>`, the token the server generates on
-its first start and keeps in DATA_DIR/token (readable by its user only); /docs and
-/openapi.json are open. The server listens on 127.0.0.1 unless told otherwise, and then only
-answers requests addressed to a loopback name (so a web page cannot reach it through DNS
-rebinding). Uploads are limited in bytes and in pixels (ServerSettings).
+its first start and keeps in DATA_DIR/token (readable by its user only); /docs (Swagger UI from the
+installed fastapi-offline package, no CDN) and /openapi.json are open. The server listens on 127.0.0.1
+unless told otherwise, and on any loopback address (127.x, ::1) only answers requests addressed to
+a loopback name (so a web page cannot reach it through DNS rebinding). Uploads are limited in bytes
+and in pixels (ServerSettings), at most UPLOAD_SLOTS are read at once, and one server at a time may
+use a data folder (jobs.DataDirLock).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import base64
 import binascii
 import errno
 import io
+import ipaddress
 import json
 import logging
 import mimetypes
@@ -39,21 +42,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
-from ..methods import METHODS
 from ..config import PRESETS
-from ..errors import EngineError, InputImageError
-from .jobs import (FINISHED, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings, UnknownJob)
+from ..errors import DiskFullError, EngineError, InputImageError
+from ..validation import known_methods
+from .jobs import (FINISHED, DataDirLock, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings,
+                   UnknownJob)
 from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest, WorkerOut
 
 log = logging.getLogger("realfusion.server")
 
 TOKEN_FILE = "token"
 OPEN_PATHS = ("/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc")  # no token needed: no data in them
+DOCS_ASSETS = "/docs/assets/"  # Swagger UI's files, from the fastapi-offline package (open too)
 BODY_SLACK = 1024 * 1024  # JSON around the base64 photo
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+# Uploads read and decoded at once; more wait their turn unread (TCP holds them), so memory stays at about
+# UPLOAD_SLOTS x 5 x the largest upload however many clients send at the same time.
+UPLOAD_SLOTS = 2
+KEEP_ALIVE_S = 5.0
 CONTENT_TYPES = {".glb": "model/gltf-binary", ".gltf": "model/gltf+json", ".pt": "application/octet-stream",
                  ".json": "application/json", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 EVENT_POLL_S = 0.25
@@ -73,6 +81,9 @@ def ensure_token(data_dir: Path) -> str:
     """The server's bearer token from DATA_DIR/token, created (user-only, 0600) on the first start."""
     path = token_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # reading or chmodding it would act on whatever it points to
+        raise EngineError(f"The token file {path} is a symbolic link.",
+                          "Delete it (the server writes a new token on its next start), then start the server again.")
     try:
         token = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
@@ -82,32 +93,45 @@ def ensure_token(data_dir: Path) -> str:
             os.chmod(path, 0o600)  # someone loosened it: only this user may read the token
         return token
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{TOKEN_FILE}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # An unpredictable name created exclusively (O_EXCL) and never through a symlink (O_NOFOLLOW): a file or
+    # link planted in the folder beforehand can be neither written through nor chmodded.
+    tmp = path.with_name(f".{TOKEN_FILE}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, (token + "\n").encode())
-    finally:
+        os.fchmod(fd, 0o600)
+        os.fsync(fd)
+    except BaseException:
         os.close(fd)
-    os.chmod(tmp, 0o600)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     return token
 
 
 class _Guard:
-    """ASGI middleware: the bearer token on every request (but the docs), and a cap on the body's size
-    checked before it is read (Content-Length) and while it is read (chunked bodies)."""
+    """ASGI middleware: the Host check (loopback binds), the bearer token on every request (but the docs),
+    and the body: its size capped before it is read (Content-Length) and while it is read (chunked bodies,
+    answered 413 as soon as they pass the limit), at most UPLOAD_SLOTS bodies read and handled at once."""
 
-    def __init__(self, app, token: str, token_file: Path, max_body: int):
-        self.app, self.token_file, self.max_body = app, token_file, max_body
-        self.expected = f"Bearer {token}".encode()
+    def __init__(self, app, token: str, token_file: Path, max_body: int, check_host: bool):
+        self.app, self.token_file, self.max_body, self.check_host = app, token_file, max_body, check_host
+        self.token = token.encode()
+        self.uploads = asyncio.Semaphore(UPLOAD_SLOTS)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
-        if scope.get("path") not in OPEN_PATHS and not secrets.compare_digest(
-                headers.get(b"authorization", b""), self.expected):
-            problem = ("The request has no bearer token." if b"authorization" not in headers
+        if self.check_host and not _is_loopback_host(headers.get(b"host", b"")):
+            return await _send_error(send, 400, "The request is addressed to a host name that is not this "
+                                                "machine's loopback (refused against DNS rebinding).",
+                                     "Address the server as http://127.0.0.1:PORT, http://localhost:PORT or "
+                                     "http://[::1]:PORT.")
+        path = scope.get("path") or ""
+        if path not in OPEN_PATHS and not path.startswith(DOCS_ASSETS) and not self._authorized(headers):
+            problem = ("The request has no bearer token." if not headers.get(b"authorization", b"").strip()
                        else "The bearer token is wrong.")
             return await _send_error(send, 401, problem,
                                      f"Send the header `Authorization: Bearer <token>` with the token in "
@@ -120,18 +144,76 @@ class _Guard:
             return await _send_error(send, 400, "The Content-Length header is not a number.", "Send a valid request.")
         if length > self.max_body:
             return await _send_error(send, 413, *_too_big(length, self.max_body))
-        received = 0
+        if length == 0 and b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, receive, send)
+        async with self.uploads:
+            body = await self._read_body(receive)
+            if body is None:
+                return  # the client went away
+            if isinstance(body, int):
+                return await _send_error(send, 413, *_too_big(body, self.max_body), [(b"connection", b"close")])
+            return await self.app(scope, _replay(body, receive), send)
 
-        async def limited_receive():
-            nonlocal received
+    def _authorized(self, headers: dict) -> bool:
+        scheme, _, credentials = headers.get(b"authorization", b"").strip().partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(credentials.strip(), self.token)
+
+    async def _read_body(self, receive) -> bytes | int | None:
+        """The whole body; the bytes received so far (an int) once past the limit; None on a disconnect."""
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise UploadTooLarge(*_too_big(received, self.max_body))
-            return message
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return size
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
-        return await self.app(scope, limited_receive, send)
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands the app the body already read, then waits on the real one (disconnects)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _is_loopback_host(host: bytes) -> bool:
+    """Host header "127.0.0.1:8765", "localhost", "[::1]:8765", ... names this machine's loopback."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):  # [IPv6]:port
+        name, _, rest = text[1:].partition("]")
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return False
+    else:
+        name, _, port = text.partition(":")
+        if port and not port.isdigit():
+            return False
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_loopback_bind(host: str) -> bool:
+    if host.strip("[]").lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _too_big(size: int, limit: int) -> tuple[str, str]:
@@ -151,7 +233,8 @@ async def _send_error(send, status: int, problem: str, fix: str, headers=()) -> 
 def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_factory=None,
                token: str | None = None) -> FastAPI:
     """The API over the jobs in `jobs_dir` (the data folder, which also holds the token file);
-    `prior_factory(settings)` -> the prior handed to reconstruct; `token`: None reads or creates the file."""
+    `prior_factory(settings)` -> the prior handed to reconstruct; `token`: None reads or creates the file.
+    Raises DataDirInUse, having changed nothing, when another server holds the folder."""
     import torch
 
     settings = settings or ServerSettings()
@@ -159,8 +242,14 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
     devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
     gpus = {d: _gpu_name(torch.device(d)) for d in devices}
     device = torch.device(devices[0])
-    store = JobStore(jobs_dir, reconstructor, default_model=settings.model, devices=devices)
-    token = token or ensure_token(jobs_dir)
+    lock = DataDirLock(jobs_dir)  # first: a second server must not mark the first one's jobs interrupted
+    try:
+        store = JobStore(jobs_dir, reconstructor, default_model=settings.model, devices=devices)
+        store.remove_stale_temporaries()
+        token = token or ensure_token(jobs_dir)
+    except BaseException:
+        lock.release()
+        raise
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -170,14 +259,16 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
         finally:
             await run_in_threadpool(store.stop)
 
-    app = FastAPI(title="RealFusion job server", version=__version__, lifespan=lifespan)
+    app = _fastapi(title="RealFusion job server", version=__version__, lifespan=lifespan, redoc_url=None,
+                   swagger_ui_parameters={"persistAuthorization": True})
     app.state.store = store
     app.state.reconstructor = reconstructor
+    app.state.data_dir_lock = lock  # held for the app's life; the kernel drops it when the process ends
     max_body = settings.max_upload_bytes * 4 // 3 + BODY_SLACK  # base64 makes 3 bytes into 4
-    app.add_middleware(_Guard, token=token, token_file=token_path(jobs_dir), max_body=max_body)
-    if settings.host in LOOPBACK_NAMES[:2]:  # added last, so it runs first: a foreign Host is 400 before 401
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES))
+    app.add_middleware(_Guard, token=token, token_file=token_path(jobs_dir), max_body=max_body,
+                       check_host=_is_loopback_bind(settings.host))
     _add_error_handlers(app)
+    _add_docs(app)
 
     def job_out(job_id: str) -> JobOut:
         record, _version = store.snapshot(job_id)
@@ -190,7 +281,9 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
         workers = [WorkerOut(device=w["device"], gpu=gpus.get(w["device"]), running=w["running"],
                              model_loaded=caches[w["device"]].loaded if w["device"] in caches else None)
                    for w in store.workers()]
-        return Health(ok=True, version=__version__, device=device.type, gpu=gpus[devices[0]], methods=list(METHODS),
+        problems = store.problems()
+        return Health(ok=not problems, problems=problems, version=__version__, device=device.type,
+                      gpu=gpus[devices[0]], methods=list(known_methods()),
                       presets=list(PRESETS), model=settings.default_model, queue=store.queued_count(),
                       running=store.running_id(), workers=workers, model_loaded=bool(loaded),
                       loaded_model=loaded[0] if loaded else None, model_loads=sum(c.loads for c in caches.values()),
@@ -202,7 +295,8 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
         image = _decode_image(request.image_png_base64, settings)
         record = store.submit(image, JobSettings(filename=request.filename, preset=request.preset,
                                                  method=request.method, seed=request.seed, model=request.model,
-                                                 overrides=list(request.overrides)))
+                                                 overrides=list(request.overrides),
+                                                 initializer=request.initializer or None))
         return _job_out(store, record)
 
     @app.get("/jobs", response_model=JobList)
@@ -237,14 +331,21 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
     async def job_events(job_id: str, request: Request):
         store.get(job_id)  # 404 now, not inside the stream
 
+        def event() -> tuple[str, int, bool]:
+            """(the event, its version, finished): run in a worker thread, so building and serialising the
+            record never holds up the event loop (nor /health) however many clients watch."""
+            record, version = store.snapshot(job_id)
+            return (f"event: job\ndata: {_job_out(store, record).model_dump_json()}\n\n", version,
+                    record["state"] in FINISHED)
+
         async def stream():
             seen, quiet = -1, 0.0
             while not store.stopping:
-                record, version = store.snapshot(job_id)
-                if version != seen:
-                    seen, quiet = version, 0.0
-                    yield f"event: job\ndata: {_job_out(store, record).model_dump_json()}\n\n"
-                    if record["state"] in FINISHED:
+                if store.version(job_id) != seen:  # two dict lookups: cheap enough for the loop itself
+                    text, seen, finished = await run_in_threadpool(event)
+                    quiet = 0.0
+                    yield text
+                    if finished:
                         return
                 elif quiet >= EVENT_KEEPALIVE_S:
                     quiet = 0.0
@@ -313,6 +414,35 @@ class _NotFound(EngineError):
     pass
 
 
+def _fastapi(**kwargs) -> FastAPI:
+    """FastAPI whose /docs loads Swagger UI from the installed fastapi-offline package (works offline);
+    without that package, FastAPI's own /docs (Swagger UI from a CDN: needs the internet)."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:
+        log.info("fastapi-offline is not installed: /docs loads Swagger UI from the internet")
+        return FastAPI(**kwargs)
+    return FastAPIOffline(static_url=DOCS_ASSETS.rstrip("/"), **kwargs)
+
+
+def _add_docs(app: FastAPI) -> None:
+    """The bearer scheme in the OpenAPI document, so /docs' "Authorize" then "Try it out" send the token."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                                 description="Every request but /docs and /openapi.json needs "
+                                             "`Authorization: Bearer <token>` (the token is in DATA_DIR/token).")
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the token in DATA_DIR/token"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def _error(status: int, problem: str, fix: str, **extra) -> JSONResponse:
     return JSONResponse({"error": {"problem": problem, "fix": fix}, **extra}, status_code=status)
 
@@ -321,7 +451,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def engine_error(_request, exc: EngineError):
         status = (404 if isinstance(exc, (UnknownJob, _NotFound)) else 409 if isinstance(exc, JobStateConflict)
-                  else 413 if isinstance(exc, UploadTooLarge) else 400)
+                  else 413 if isinstance(exc, UploadTooLarge) else 507 if isinstance(exc, DiskFullError) else 400)
         return _error(status, exc.problem, exc.fix)
 
     @app.exception_handler(OSError)
@@ -379,9 +509,56 @@ def serve(jobs_dir: Path, settings: ServerSettings, port: int = 8765, prior_fact
     if settings.host not in LOOPBACK_NAMES:
         print(f"warning: listening on {settings.host}: anyone who can reach this machine and has the token can "
               "submit jobs and read their results, over plain HTTP.", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5,
+                            http=_header_timeout_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=int(KEEP_ALIVE_S),
+                            h11_max_incomplete_event_size=64 * 1024)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request header within
+    `timeout_s` of connecting (or of its last answer): uvicorn's keep-alive timer stops at the first
+    byte, so a client trickling a header (or sending nothing) would otherwise hold its connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self._header_timer is not None:
+                self._header_timer.cancel()  # a whole request header arrived
+                self._header_timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()
+
+        def connection_lost(self, exc):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_timeout)
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11Protocol
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -14,7 +14,9 @@ are listed again on the next start and `resume` queues them to go on from their 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import inspect
 import json
 import logging
@@ -24,17 +26,20 @@ import shutil
 import threading
 import time
 from collections import deque
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..config import PriorConfig, build_config
-from ..errors import DeviceError, EngineError
-from ..outputs import OutputDir, atomic_write_bytes, atomic_write_json
+from ..config import PriorConfig
+from ..errors import DeviceError, DiskFullError, EngineError
+from ..outputs import OutputDir, atomic_write_bytes, atomic_write_json, is_disk_full, remove_stale_temporaries
+from ..validation import checked_config
 
 log = logging.getLogger("realfusion.server")
 
 JOB_FILE = "job.json"
+LOCK_FILE = ".server.lock"  # held (flock) by the one server using a data folder
 
 # Share of the whole job each stage stands for, in the order they run; "progress" is the
 # weights of the finished stages plus the running stage's weight times its step/total.
@@ -112,8 +117,9 @@ def parse_gpus(value: str | None, cuda_count: int | None = None) -> list[str]:
     return [f"cuda:{i}" for i in indices]
 
 
-class JobCancelled(Exception):
-    """Raised from the progress callback to stop a running job at its next step."""
+class JobCancelled(BaseException):
+    """Raised from the progress callback or the cancel check to stop a running job. A BaseException (like
+    KeyboardInterrupt), so no `except Exception` on the way up can swallow it."""
 
 
 class UnknownJob(EngineError):
@@ -125,6 +131,39 @@ class JobStateConflict(EngineError):
     """The job is not in a state that allows what was asked (e.g. resuming a finished job)."""
 
 
+class DataDirInUse(EngineError):
+    """Another `realfusion serve` holds the data folder's lock."""
+
+
+class DataDirLock:
+    """An exclusive flock on DATA_DIR/.server.lock for as long as this server runs.
+
+    Taken before anything in the folder is read or changed, so a second server on the same folder
+    refuses at once and leaves the first one's jobs alone. The kernel drops the lock when the process
+    dies (even by kill -9), so a stale lock file never blocks a restart."""
+
+    def __init__(self, data_dir: Path):
+        self.path = Path(data_dir) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            raise DataDirInUse(f"Another realfusion server (pid {holder}) is already using the data folder "
+                               f"{self.path.parent}.",
+                               "Use that server (the Blender add-on can connect to it), stop it first, or start "
+                               "this one with another --data-dir.") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 @dataclass
 class ServerSettings:
     model: str | None = None  # default Stable Diffusion hub id or folder; None: the preset's
@@ -134,6 +173,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     max_upload_bytes: int = 50 * 1024 * 1024  # the photo's bytes, decoded
     max_pixels: int = 64_000_000  # the photo's width x height, read from its header
+    header_timeout_s: float = 10.0  # a connection must send a whole request header within this, or is closed
 
     @property
     def default_model(self) -> str:
@@ -151,6 +191,7 @@ class JobSettings:
     model: str | None = None
     overrides: list[str] = field(default_factory=list)
     input: str = "input.png"  # the upload's name inside the job folder
+    initializer: str | None = None  # the word naming the object (textual_inversion.initializer); None: the preset's
 
 
 @dataclass
@@ -168,6 +209,7 @@ class Job:
     updated: float = field(default_factory=time.time)
     metrics: dict = field(default_factory=dict)  # the last fit step's losses
     device: str | None = None  # the worker's device ("cuda:1", "cpu") while running, and the last one after
+    cancel_requested: bool = False  # saved, so a job cancelled while running stays cancelled after a restart
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -192,7 +234,12 @@ default_data_dir = default_jobs_dir
 
 
 def resource_error(exc: BaseException) -> dict | None:
-    """{"problem", "fix"} for a job that ran out of GPU memory or disk space; None for anything else."""
+    """{"problem", "fix"} for a job that ran out of GPU or CPU memory or disk space; None for anything else."""
+    if _is_cpu_oom(exc):
+        return {"problem": f"The computer ran out of memory during this job ({str(exc).splitlines()[0][:200]}).",
+                "fix": "Close other programs, then resume the job, or submit it again with preset \"fast\" or "
+                       "smaller sizes (e.g. overrides render.random_resolution=64 textual_inversion.batch_size=1); "
+                       "the server runs on."}
     if _is_cuda_oom(exc):
         return {"problem": f"The GPU ran out of memory during this job ({str(exc).splitlines()[0][:200]}).",
                 "fix": "Close other programs using the GPU (Blender's Cycles/Eevee viewport too), then resume the "
@@ -203,6 +250,13 @@ def resource_error(exc: BaseException) -> dict | None:
         return {"problem": f"The disk is full{where}.",
                 "fix": "Free disk space (old jobs in the server's data folder can be deleted), then resume the job."}
     return None
+
+
+def _is_cpu_oom(exc: BaseException) -> bool:
+    """MemoryError, or torch's CPU allocator failing ("DefaultCPUAllocator: can't allocate memory")."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "defaultcpuallocator" in text))
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:
@@ -257,15 +311,18 @@ class Reconstructor:
             return dict(self._caches)
 
     def config(self, job: JobSettings):
-        return build_config(job.preset, job.overrides, seed=job.seed, method=job.method, model=job.model)
+        """The job's whole config, validated (engine.validation): InvalidSettings names what is wrong."""
+        return checked_config(job.preset, job.overrides, seed=job.seed, method=job.method, model=job.model,
+                              initializer=job.initializer)
 
     def check(self, job: JobSettings, folder: Path) -> None:
-        """Raise an EngineError now for what would make the job fail at once: bad settings, unreadable image."""
+        """Raise an EngineError now for what would make the job fail at all: bad settings, unreadable image."""
         from ..matting import load_image
 
         load_image(folder / job.input, self.config(job).matting)
 
-    def __call__(self, job: JobSettings, folder: Path, report: Report, device: str | None = None) -> None:
+    def __call__(self, job: JobSettings, folder: Path, report: Report, device: str | None = None,
+                 check_cancel: Callable[[], None] | None = None) -> None:
         import torch
 
         from ..pipeline import reconstruct, stable_diffusion_prior
@@ -276,10 +333,12 @@ class Reconstructor:
         if on_gpu and ":" in str(device):
             torch.cuda.set_device(torch.device(device))  # this worker thread's default GPU is its own
         prior = (self.prior_factory(self.settings) if self.prior_factory is not None
-                 else stable_diffusion_prior(cache_dir=self.settings.cache_dir, models=models))
+                 else stable_diffusion_prior(cache_dir=self.settings.cache_dir, models=models,
+                                             check_cancel=check_cancel))
         try:
-            reconstruct(folder / job.input, folder, self.config(job), device=device,
-                        prior=prior, report=report, resume=True)
+            with cancellable_forwards(check_cancel):
+                reconstruct(folder / job.input, folder, self.config(job), device=device,
+                            prior=prior, report=report, resume=True, check_cancel=check_cancel)
         except BaseException as exc:
             if _is_cuda_oom(exc):
                 models.clear()  # give everything back; the next job on this GPU loads the model again
@@ -287,6 +346,42 @@ class Reconstructor:
         finally:
             if on_gpu:
                 torch.cuda.empty_cache()  # give the model's memory back between jobs (Blender shares the GPU)
+
+
+_forward_check = threading.local()  # .check: the cancel check of the job this worker thread runs, or None
+_forward_hook_lock = threading.Lock()
+_forward_hook_installed = False
+
+
+@contextlib.contextmanager
+def cancellable_forwards(check_cancel: Callable[[], None] | None):
+    """While active, every torch module call on this thread first runs `check_cancel` (which raises to stop).
+
+    One UNet step of textual inversion or SDS at 512 px takes minutes on a CPU, far longer than any loop
+    of the pipeline: checking at every module call makes a cancel take effect within a fraction of a
+    second whatever runs. One global pre-forward hook serves every worker; it reads its thread's check,
+    so it costs one attribute lookup per module call and touches no other thread's work."""
+    global _forward_hook_installed
+    if check_cancel is None:
+        yield
+        return
+    import torch
+
+    with _forward_hook_lock:
+        if not _forward_hook_installed:
+            torch.nn.modules.module.register_module_forward_pre_hook(_check_before_forward)
+            _forward_hook_installed = True
+    _forward_check.check = check_cancel
+    try:
+        yield
+    finally:
+        _forward_check.check = None
+
+
+def _check_before_forward(_module, _inputs):
+    check = getattr(_forward_check, "check", None)
+    if check is not None:
+        check()
 
 
 class _Worker:
@@ -298,6 +393,13 @@ class _Worker:
         self.cancel = threading.Event()
         self.stop_state = CANCELLED  # what a stopped running job becomes: cancelled, or interrupted at shutdown
         self.thread: threading.Thread | None = None
+        self.restarts = 0  # times its thread died and a new one took over
+        self.last_death: str | None = None  # "RuntimeError: ..." of the last death
+
+    def check_cancel(self) -> None:
+        """Raise JobCancelled when this worker's job was asked to stop (the pipeline calls this in its loops)."""
+        if self.cancel.is_set():
+            raise JobCancelled()
 
 
 class JobStore:
@@ -310,7 +412,10 @@ class JobStore:
     def __init__(self, jobs_dir: Path, runner: Callable[..., None], *,
                  default_model: str | None = None, devices: list[str | None] | None = None):
         self.jobs_dir = Path(jobs_dir)
-        OutputDir(self.jobs_dir)  # created and checked writable, with the engine's clear error if not
+        try:
+            OutputDir(self.jobs_dir)  # created and checked writable, with the engine's clear error if not
+        except DiskFullError as exc:  # start anyway: each write that fails answers 507, and space may come back
+            log.warning("%s %s", exc.problem, exc.fix)
         self.runner = runner
         self.default_model = default_model
         devices = list(devices) if devices is not None else [None]
@@ -318,7 +423,9 @@ class JobStore:
             raise DeviceError("The job server was given no device to run jobs on.",
                               "Start it with --gpus all, --gpus cpu or GPU indices such as --gpus 0,1.")
         self._workers = [_Worker(i, device) for i, device in enumerate(devices)]
-        self._runner_takes_device = _takes_device(runner)
+        self._runner_takes_device = _takes(runner, "device")
+        self._runner_takes_cancel = _takes(runner, "check_cancel")
+        self._resume_floor: dict[str, float] = {}  # job id -> its progress when resumed (not shown going back)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
         self._queue: deque[str] = deque()
@@ -332,17 +439,22 @@ class JobStore:
         self._stopping = False
         for worker in self._workers:
             if worker.thread is None:
-                name = f"realfusion-jobs-{worker.index}" + (f"-{worker.device}" if worker.device else "")
-                worker.thread = threading.Thread(target=self._work, args=(worker,), name=name, daemon=True)
-                worker.thread.start()
+                self._start_thread(worker)
+
+    def _start_thread(self, worker: _Worker) -> None:
+        name = f"realfusion-jobs-{worker.index}" + (f"-{worker.device}" if worker.device else "")
+        worker.thread = threading.Thread(target=self._work, args=(worker,), name=name, daemon=True)
+        worker.thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the workers; running jobs stop at their next step and are left "interrupted"."""
+        """Stop the workers; running jobs stop at once (see cancellable_forwards) and are left "interrupted",
+        but those a client cancelled stay "cancelled"."""
         with self._lock:
             self._stopping = True
             for worker in self._workers:
                 if worker.running is not None:
-                    worker.stop_state = INTERRUPTED
+                    if not worker.running.cancel_requested:
+                        worker.stop_state = INTERRUPTED
                     worker.cancel.set()
             self._lock.notify_all()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -355,6 +467,18 @@ class JobStore:
     def stopping(self) -> bool:
         return self._stopping
 
+    def problems(self) -> list[str]:
+        """What /health reports as not ok: worker threads that died (and were replaced) or are not running."""
+        found = []
+        with self._lock:
+            for w in self._workers:
+                name = f"worker {w.index}" + (f" ({w.device})" if w.device else "")
+                if w.thread is not None and not w.thread.is_alive() and not self._stopping:
+                    found.append(f"{name} is not running")
+                if w.restarts:
+                    found.append(f"{name} died {w.restarts} time(s) and was restarted; last: {w.last_death}")
+        return found
+
     # ------------------------------------------------------------------ the API's verbs
 
     def submit(self, image: bytes, settings: JobSettings) -> dict:
@@ -365,15 +489,19 @@ class JobStore:
         folder = self.jobs_dir / job_id
         settings.input = f"input.{_image_extension(image, settings.filename)}"
         settings.model = settings.model or self.default_model
-        atomic_write_bytes(folder / settings.input, image)
         check = getattr(self.runner, "check", None)
+        job = Job(job_id, settings, message="Waiting for its turn")
         try:
+            atomic_write_bytes(folder / settings.input, image)
             if check is not None:
                 check(settings, folder)
-        except BaseException:
+            # The record is on disk before the job is queued: a job the server cannot save is never run.
+            atomic_write_json(folder / JOB_FILE, dataclasses.replace(job, state=QUEUED).to_record())
+        except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
+            if is_disk_full(exc):
+                raise _disk_full(exc) from exc  # 507, with the server's fix
             raise
-        job = Job(job_id, settings, message="Waiting for its turn")
         with self._lock:
             job.created = job.updated = time.time()  # under the lock: "created" order is the queue's order
             self._jobs[job_id] = job
@@ -392,6 +520,11 @@ class JobStore:
         """Newest first."""
         with self._lock:
             return sorted(self._jobs.values(), key=lambda j: (j.created, j.id), reverse=True)
+
+    def version(self, job_id: str) -> int:
+        """Bumped on every change of the job: a cheap "has it changed?" without copying the record."""
+        self.get(job_id)
+        return self._versions.get(job_id, 0)
 
     def snapshot(self, job_id: str) -> tuple[dict, int]:
         """The job as plain data and its version (bumped on every change), read consistently."""
@@ -441,7 +574,9 @@ class JobStore:
                 if worker is not None:
                     worker.stop_state = CANCELLED
                     worker.cancel.set()
-                    self._touch(job, message="Cancelling at the next step")
+                    job.cancel_requested = True
+                    self._touch(job, message="Cancelling")
+                    self._persist(job)  # a restart before it stops finds it cancelled, not interrupted
         return job
 
     def resume(self, job_id: str) -> Job:
@@ -451,7 +586,10 @@ class JobStore:
             if job.state not in RESUMABLE:
                 raise JobStateConflict(f"Job {job_id} is {job.state}; only {', '.join(RESUMABLE)} jobs can be resumed.",
                                        "Wait for it to finish, or submit a new job with POST /jobs.")
-            job.error = None
+            queued = dataclasses.replace(job, state=QUEUED, error=None, cancel_requested=False, device=None)
+            self._persist(queued, strict=True)  # not queued unless saved as queued: DiskFullError -> 507
+            job.error, job.cancel_requested = None, False
+            self._resume_floor[job.id] = job.progress
             self._enqueue(job, "Queued again; it goes on from its last checkpoint")
         log.info("job %s resumed", job_id)
         return job
@@ -474,6 +612,22 @@ class JobStore:
     # ------------------------------------------------------------------ the worker
 
     def _work(self, worker: _Worker) -> None:
+        """The worker thread. Whatever goes wrong, the job in hand ends failed, and should this thread die
+        anyway a new one takes its place (and /health says so)."""
+        try:
+            self._work_loop(worker)
+        except BaseException as exc:  # noqa: BLE001 - the last line of defence: log, count, replace the thread
+            log.exception("worker %s died", worker.index)
+            with self._lock:
+                worker.restarts += 1
+                worker.last_death = f"{type(exc).__name__}: {exc}"[:300]
+                job, worker.running = worker.running, None
+                if job is not None and job.state == RUNNING:
+                    self._finish(job, *self._internal_error(job, exc))
+                if not self._stopping:
+                    self._start_thread(worker)
+
+    def _work_loop(self, worker: _Worker) -> None:
         while True:
             with self._lock:
                 while not self._queue and not self._stopping:
@@ -484,18 +638,21 @@ class JobStore:
                 worker.running = job
                 worker.cancel.clear()
                 worker.stop_state = CANCELLED
-                job.stage, job.step, job.total, job.progress = "", 0, 0, 0.0
+                if job.id not in self._resume_floor:  # a resumed job keeps its stage and step until it passes them
+                    job.stage, job.step, job.total, job.progress = "", 0, 0, 0.0
                 self._touch(job, state=RUNNING, device=worker.device, message="Starting")
                 self._persist(job)
             log.info("job %s started%s", job.id, f" on {worker.device}" if worker.device else "")
             try:
                 self._run(job, worker)
-            except BaseException:  # never leave the job "running" nor the worker's slot taken
+            except BaseException as exc:  # never leave the job "running" nor the worker's slot taken
                 log.exception("job %s: worker %s failed", job.id, worker.index)
                 with self._lock:
                     if worker.running is job:
                         worker.running = None
-                        self._finish(job, *self._internal_error(job, RuntimeError("the worker failed")))
+                        self._finish(job, *self._internal_error(job, exc))
+                if not isinstance(exc, Exception):
+                    raise
 
     def _run(self, job: Job, worker: _Worker) -> None:
         def report(progress) -> None:
@@ -504,18 +661,20 @@ class JobStore:
             self._on_progress(job, progress)
 
         state, message, error = DONE, "Done", None
+        extra = {}
+        if self._runner_takes_device:
+            extra["device"] = worker.device
+        if self._runner_takes_cancel:
+            extra["check_cancel"] = worker.check_cancel
         try:
-            if self._runner_takes_device:
-                self.runner(job.settings, self.jobs_dir / job.id, report, device=worker.device)
-            else:
-                self.runner(job.settings, self.jobs_dir / job.id, report)
+            self.runner(job.settings, self.jobs_dir / job.id, report, **extra)
         except JobCancelled:
             state = worker.stop_state
             message = ("Cancelled; its last checkpoint is kept" if state == CANCELLED
                        else "Stopped with the server; resume it to go on from its last checkpoint")
         except EngineError as exc:
             state, message, error = FAILED, str(exc), {"problem": exc.problem, "fix": exc.fix}
-        except Exception as exc:
+        except (Exception, MemoryError) as exc:
             error = resource_error(exc)
             if error is not None:  # out of GPU memory or disk: this job fails, the server runs on
                 log.warning("job %s: %s", job.id, error["problem"])
@@ -524,6 +683,7 @@ class JobStore:
                 state, message, error = self._internal_error(job, exc)
         with self._lock:
             worker.running = None
+            self._resume_floor.pop(job.id, None)
             self._finish(job, state, message, error)
             if state in (CANCELLED, INTERRUPTED):
                 self._write_folder_status(job)  # the pipeline wrote "failed"; say what really happened
@@ -539,15 +699,23 @@ class JobStore:
 
     def _on_progress(self, job: Job, progress) -> None:
         with self._lock:
+            overall = overall_progress(progress.stage, progress.step, progress.total)
+            label = STAGE_LABELS.get(progress.stage, progress.stage)
+            label = f"{label} ({progress.step}/{progress.total})" if progress.total else label
+            floor = self._resume_floor.get(job.id)
+            if floor is not None and overall is not None and overall < floor:
+                # A resumed job runs its quick early stages again (matting, the cached token) before the fit goes
+                # on from its checkpoint: keep showing where it was instead of sending it back to step 0.
+                self._touch(job, message=f"Resuming: {label}")
+                return
+            self._resume_floor.pop(job.id, None)
             new_stage = progress.stage != job.stage
             job.stage, job.step, job.total = progress.stage, progress.step, progress.total
-            overall = overall_progress(progress.stage, progress.step, progress.total)
             if overall is not None:
                 job.progress = overall
             if progress.stage == "fit" and progress.metrics:
                 job.metrics = {k: float(v) for k, v in progress.metrics.items()}
-            label = STAGE_LABELS.get(progress.stage, progress.stage)
-            self._touch(job, message=f"{label} ({progress.step}/{progress.total})" if progress.total else label)
+            self._touch(job, message=label)
             if new_stage:
                 self._persist(job)
 
@@ -573,16 +741,20 @@ class JobStore:
         self._versions[job.id] = self._versions.get(job.id, 0) + 1
         self._lock.notify_all()
 
-    def _persist(self, job: Job) -> None:
+    def _persist(self, job: Job, strict: bool = False) -> None:
+        """Save job.json. A failure is logged and the state stays right in memory (a full disk must not stop a
+        worker), unless `strict`: then a full disk raises DiskFullError (507) and anything else OSError."""
         try:
             atomic_write_json(self.jobs_dir / job.id / JOB_FILE, job.to_record())
-        except OSError as exc:  # a full disk must not kill the worker: the state stays right in memory
+        except (OSError, EngineError) as exc:
+            if strict:
+                raise _disk_full(exc) if is_disk_full(exc) else exc
             log.warning("job %s: could not save %s (%s)", job.id, JOB_FILE, exc)
 
     def _write_folder_status(self, job: Job) -> None:
         try:
             OutputDir(self.jobs_dir / job.id).set_status(job.state, job.stage, job.message)
-        except OSError as exc:
+        except (OSError, EngineError) as exc:
             log.warning("job %s: could not save status.json (%s)", job.id, exc)
 
     def _new_id(self) -> str:
@@ -594,6 +766,14 @@ class JobStore:
     def _load(self) -> None:
         with self._lock:
             self._load_folders()
+
+    def remove_stale_temporaries(self) -> int:
+        """Temporary files a killed server left half-written in the job folders (only the folder's lock holder
+        may call this: a live server's writers use such names)."""
+        removed = sum(remove_stale_temporaries(folder) for folder in self.jobs_dir.iterdir() if folder.is_dir())
+        if removed:
+            log.info("removed %d temporary file(s) left by an earlier server", removed)
+        return removed
 
     def _load_folders(self) -> None:
         """List the jobs already in the folder; those that were queued or running when the server stopped are
@@ -610,6 +790,9 @@ class JobStore:
                 status = OutputDir(folder).read_status() or {}
                 if status.get("state") == DONE:
                     self._finish(job, DONE, "Done")
+                elif job.cancel_requested:  # cancelled, and the server stopped before the job did
+                    self._finish(job, CANCELLED, "Cancelled; its last checkpoint is kept")
+                    self._write_folder_status(job)
                 else:
                     self._finish(job, INTERRUPTED, "The server stopped before this job finished; "
                                                    "resume it to go on from its last checkpoint")
@@ -617,13 +800,21 @@ class JobStore:
             self._jobs[job.id] = job
 
 
-def _takes_device(runner: Callable) -> bool:
-    """Whether the runner accepts `device=` (Reconstructor does; simple test runners may not)."""
+def _takes(runner: Callable, name: str) -> bool:
+    """Whether the runner accepts `name=` (Reconstructor takes device and check_cancel; test runners may not)."""
     try:
         params = inspect.signature(runner).parameters.values()
     except (TypeError, ValueError):
         return False
-    return any(p.name == "device" or p.kind == p.VAR_KEYWORD for p in params)
+    return any(p.name == name or p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _disk_full(exc: BaseException) -> DiskFullError:
+    """The server's DiskFullError for a failed write (raw ENOSPC/EDQUOT, or the writers' DiskFullError)."""
+    os_error = exc if isinstance(exc, OSError) else exc.__cause__
+    where = f" writing {os_error.filename}" if getattr(os_error, "filename", None) else ""
+    return DiskFullError(f"The server's disk is full{where}.",
+                         "Free disk space (old jobs in the server's data folder can be deleted) and try again.")
 
 
 def _image_extension(data: bytes, filename: str) -> str:

@@ -5,14 +5,22 @@ Fields may be added over time; none is removed or renamed within v1.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, Field
 
 from ..config import PRESETS
-from ..methods import METHODS
+from ..validation import INITIALIZER_PATTERN, known_methods
+
+# What one request may carry, so no request makes every later answer slow (each job's record is read
+# and serialised on every status request and event); generous for real use (the presets need no overrides).
+MAX_OVERRIDES = 64
+MAX_OVERRIDE_CHARS = 200
+MAX_FILENAME_CHARS = 255
+MAX_MODEL_CHARS = 1024
 
 PresetName = Literal[tuple(PRESETS)]  # "fast" | "standard" | "paper"
+MethodName = Literal[known_methods()]  # "realfusion"
 JobState = Literal["queued", "running", "done", "failed", "cancelled", "interrupted"]
 
 
@@ -27,12 +35,18 @@ class ErrorResponse(BaseModel):
 
 class JobRequest(BaseModel):
     image_png_base64: str = Field(description="the photo's bytes (PNG or JPEG), base64")
-    filename: str = Field("input.png", description="the photo's file name, for display")
+    filename: str = Field("input.png", max_length=MAX_FILENAME_CHARS, description="the photo's file name, for display")
     preset: PresetName = "standard"
-    method: Literal[tuple(METHODS)] = "realfusion"  # "realfusion" | "conrad"
-    seed: int = 0
-    model: Optional[str] = Field(None, description="Stable Diffusion hub id or folder; null: the server's")
-    overrides: list[str] = Field(default_factory=list, description='config overrides, e.g. "fit.iterations=500"')
+    method: MethodName = "realfusion"
+    seed: int = Field(0, description="0 to 2**32 - 1")
+    model: Optional[str] = Field(None, max_length=MAX_MODEL_CHARS,
+                                 description="Stable Diffusion hub id or folder; null: the server's")
+    overrides: list[Annotated[str, Field(max_length=MAX_OVERRIDE_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_OVERRIDES, description='config overrides, e.g. "fit.iterations=500"')
+    initializer: Optional[str] = Field(None, max_length=32, pattern=INITIALIZER_PATTERN + "|^$",
+                                       description='one word naming the object (e.g. "mug"), which textual inversion '
+                                                   'starts from (textual_inversion.initializer); null or "": the '
+                                                   'preset\'s ("object")')
 
 
 class JobSettingsOut(BaseModel):
@@ -42,6 +56,7 @@ class JobSettingsOut(BaseModel):
     seed: int
     model: Optional[str]
     overrides: list[str]
+    initializer: Optional[str] = None
 
 
 class JobOut(BaseModel):
@@ -82,7 +97,8 @@ class WorkerOut(BaseModel):
 
 
 class Health(BaseModel):
-    ok: bool
+    ok: bool = Field(description="false while something needs attention: see problems")
+    problems: list[str] = Field(default_factory=list, description="e.g. a worker thread that died and was restarted")
     version: str
     device: Literal["cuda", "cpu"]
     gpu: Optional[str]
