@@ -83,7 +83,7 @@ class FieldConfig:
     # center that fades out past blob_radius, so fitting starts from "an object in the middle".
     blob_density: float = 5.0
     blob_radius: float = 0.5
-    backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else torch
+    backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else triton on CUDA, else torch
     bg_hidden_dim: int = 32
 
 
