@@ -37,6 +37,11 @@ class PriorConfig:
     t_range: tuple[float, float] = (0.02, 0.98)
     weighting: str = "sds"  # w(t) = 1 - alpha_bar(t), as DreamFusion
     render_to_model_resolution: bool = True  # upsample renders to the VAE's native size
+    # How the UNet and VAE calls of SDS and textual inversion run (engine/guidance/fast_paths.py):
+    # none (eager), compile (torch.compile, inductor), cudagraphs (torch.compile's CUDA-graph backend,
+    # no code generation) or compile-cudagraphs (inductor + CUDA graphs). CUDA only; the CPU runs eager.
+    compile: str = "none"
+    channels_last: bool = True  # NHWC convolutions for the UNet and VAE on CUDA (faster with fp16/bf16)
 
 
 @dataclass
@@ -48,6 +53,11 @@ class TextualInversionConfig:
     steps: int = 3000
     batch_size: int = 1
     grad_accumulation: int = 4
+    # Execution, not recipe: run the grad_accumulation micro-batches as one batch of batch_size x
+    # grad_accumulation views (same mean loss and gradient, one UNet call: 3x faster on a GPU).
+    # The learned vector differs from an accumulated run's only because the random draws come in
+    # another order; False runs the micro-batches one after the other (less memory).
+    accumulate_as_batch: bool = True
     learning_rate: float = 2e-3  # 5e-4 scaled by batch x accumulation, as the official code
     resolution: int = 512  # augmentations are made at this size (the model's native one)
     cache: bool = True
