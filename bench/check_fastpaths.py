@@ -291,14 +291,10 @@ def device_name_slug(name: str) -> str:
     return name.replace(" ", "-").lower()
 
 
-def load_prior(tiny: bool, folder: Path, device: torch.device):
-    if tiny:
-        from tiny_sd import build_tiny_stable_diffusion
+def load_prior(tiny: bool, workdir: Path, device: torch.device, model_dir: str | None):
+    from time_to_mesh import model_folder
 
-        return load_stable_diffusion(str(build_tiny_stable_diffusion(folder)), device, "fp32")
-    from bench_steps import build_full_size
-
-    return load_stable_diffusion(str(build_full_size(folder, "sd15")), device, "auto")
+    return load_stable_diffusion(str(model_folder(model_dir, workdir, tiny)), device, "fp32" if tiny else "auto")
 
 
 def main() -> int:
@@ -308,6 +304,7 @@ def main() -> int:
     parser.add_argument("--skip-prior", action="store_true")
     parser.add_argument("--skip-hashgrid", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tests' tiny SD")
+    parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it (as time_to_mesh)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("check_fastpaths: no CUDA GPU here (use --tiny for the CPU smoke test); nothing checked.")
@@ -326,7 +323,7 @@ def main() -> int:
         print(json.dumps(report["hash_grid"], indent=1), flush=True)
     if not args.skip_prior:
         with tempfile.TemporaryDirectory() as tmp:
-            sd = load_prior(args.tiny, Path(tmp) / "sd", device)
+            sd = load_prior(args.tiny, Path(tmp), device, args.model_dir)
             report["dtype"] = str(sd.dtype)
             modes = [m for m in args.modes.split(",") if m]
             report["prior"] = check_prior(sd, modes, args.tiny, 2 if args.tiny else args.repeats)
