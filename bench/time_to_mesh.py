@@ -41,6 +41,7 @@ steps at tiny sizes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -284,7 +285,7 @@ def reference_steps(sd, cfg, mesh, device: torch.device, n: int) -> dict:
             system.training_step()  # instrumented: records into fit_sections
         result[f"fit_{phase}"] = summarize(fit_sections.steps[start:], 2)
     result["fit_backend"] = type(system.field.encoding).__name__
-    del system
+    ACTIVE["system"] = None  # let the reference model go before the run loads its own
     return result
 
 
@@ -334,6 +335,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
         sd = load_stable_diffusion(str(model), device, cfg.prior.dtype)
         result["reference_steps"] = reference_steps(sd, cfg, colored, device, args.reference_steps)
         del sd
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

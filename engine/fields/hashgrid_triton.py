@@ -220,7 +220,9 @@ class _HashGridFunction(torch.autograd.Function):
         x, params = ctx.saved_tensors
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_params = torch.zeros_like(params)
-        grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
+        # without an input gradient the kernel never touches grad_x; any valid device pointer will do
+        # (an empty tensor's null pointer is refused by Triton's launcher on CUDA)
+        grad_x = torch.empty_like(x) if need_x else grad_params
         n_points = x.shape[0]
         if n_points and (need_x or need_params):
             grid = (triton.cdiv(n_points, BLOCK_POINTS),)
