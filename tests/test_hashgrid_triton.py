@@ -138,3 +138,38 @@ def test_triton_backend_is_refused_without_cuda_or_interpreter():
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+KERNEL_SIGNATURE = {"x_ptr": "*fp32", "params_ptr": "*fp32", "scale_ptr": "*fp32", "mult_ptr": "*i32",
+                    "size_ptr": "*i32", "hashed_ptr": "*i32", "offset_ptr": "*i64", "n_points": "i32",
+                    "n_levels": "i32", "F": "constexpr", "BLOCK": "constexpr"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process")
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels as Python; this compiles them for an H100/H200 (sm_90) down to a
+    cubin with Triton's bundled toolchain, which catches what only the compiler sees (types, constexprs)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module = importlib.import_module(MODULE)
+    pointers = {"out_ptr": "*fp32"}
+    forward = dict(list(KERNEL_SIGNATURE.items())[:2] + list(pointers.items()) + list(KERNEL_SIGNATURE.items())[2:])
+    backward = dict(list(KERNEL_SIGNATURE.items())[:2] + [("grad_out_ptr", "*fp32"), ("grad_params_ptr", "*fp32"),
+                                                         ("grad_x_ptr", "*fp32")]
+                    + list(KERNEL_SIGNATURE.items())[2:] + [("NEED_GRAD_X", "constexpr")])
+    cases = [(module._hash_grid_forward, forward, {"F": 2, "BLOCK": module.BLOCK_POINTS})]
+    cases += [(module._hash_grid_backward, backward, {"F": 2, "BLOCK": module.BLOCK_POINTS, "NEED_GRAD_X": need})
+              for need in (True, False)]
+    for kernel, signature, constants in cases:
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                                      target=GPUTarget("cuda", 90, 32))
+        except Exception as error:  # noqa: BLE001
+            if "ptxas" in repr(error).lower() and "not found" in repr(error).lower():
+                pytest.skip(f"Triton's CUDA toolchain is missing here: {error!r}")
+            raise
+        ttir = compiled.asm["ttir"]
+        assert "arith.remui" in ttir and "math.fma" in ttir  # unsigned modulo (uint32 hashing) and tcnn's fma
