@@ -61,9 +61,18 @@ def augmentation_config(name: str) -> AugmentationConfig:
 def augment(
     image: torch.Tensor, resolution: int, generator: torch.Generator, cfg: AugmentationConfig | None = None
 ) -> torch.Tensor:
-    """[3,H,W] in [0,1] (object on white) -> one random augmentation, [3,resolution,resolution] in [0,1]."""
+    """[3,H,W] in [0,1] (object on white) -> one random augmentation, [3,resolution,resolution] in [0,1].
+
+    Runs on the image's device (the random draws come from `generator`, a CPU generator, so a GPU
+    image gives the same augmentation as a CPU one, up to rounding)."""
     cfg = cfg or AugmentationConfig()
-    image = resize_short_side(image, round(resolution * cfg.working_scale))
+    return _augment_resized(resize_short_side(image, round(resolution * cfg.working_scale)), resolution, generator,
+                            cfg)
+
+
+def _augment_resized(image: torch.Tensor, resolution: int, generator: torch.Generator,
+                     cfg: AugmentationConfig) -> torch.Tensor:
+    """`augment` after its (deterministic) resize to the working size."""
     warp = random_resized_crop(image.shape[-2:], cfg, generator)
     if _chance(cfg.rotation_p, generator):
         zoom = torch.diag(torch.tensor([1.0 / cfg.rotation_zoom, 1.0 / cfg.rotation_zoom, 1.0]))
@@ -87,8 +96,13 @@ def augment_batch(
     generator: torch.Generator,
     cfg: AugmentationConfig | None = None,
 ) -> torch.Tensor:
-    """[B,3,resolution,resolution]: `batch_size` independent augmentations of one image."""
-    return torch.stack([augment(image, resolution, generator, cfg) for _ in range(batch_size)])
+    """[B,3,resolution,resolution]: `batch_size` independent augmentations of one image, on its device.
+
+    The same as stacking `batch_size` calls of `augment` (same draws, same order), with the resize
+    to the working size done once instead of once per view."""
+    cfg = cfg or AugmentationConfig()
+    resized = resize_short_side(image, round(resolution * cfg.working_scale))
+    return torch.stack([_augment_resized(resized, resolution, generator, cfg) for _ in range(batch_size)])
 
 
 # ---------------------------------------------------------------- randomness

@@ -45,6 +45,11 @@ class PriorConfig:
     view_prompt_every: int = 1
     front_angle_deg: float = 60.0  # azimuths within +-30 deg of the reference are "front", +-30 of behind "back"
     overhead_angle_deg: float = 30.0  # polar angles below this are "overhead", above 180 - this "bottom"
+    # How the UNet and VAE calls of SDS and textual inversion run (engine/guidance/fast_paths.py):
+    # none (eager), compile (torch.compile, inductor), cudagraphs (torch.compile's CUDA-graph backend,
+    # no code generation) or compile-cudagraphs (inductor + CUDA graphs). CUDA only; the CPU runs eager.
+    compile: str = "none"
+    channels_last: bool = True  # NHWC convolutions for the UNet and VAE on CUDA (faster with fp16/bf16)
 
 
 @dataclass
@@ -56,6 +61,11 @@ class TextualInversionConfig:
     steps: int = 3000
     batch_size: int = 1
     grad_accumulation: int = 4
+    # Execution, not recipe: run the grad_accumulation micro-batches as one batch of batch_size x
+    # grad_accumulation views (same mean loss and gradient, one UNet call: 3x faster on a GPU).
+    # The learned vector differs from an accumulated run's only because the random draws come in
+    # another order; False runs the micro-batches one after the other (less memory).
+    accumulate_as_batch: bool = True
     learning_rate: float = 2e-3  # 5e-4 scaled by batch x accumulation, as the official code
     weight_decay: float = 1e-2  # AdamW's, as the official code (which restores every other row after a step)
     resolution: int = 512  # augmentations are made at this size (the model's native one)
@@ -110,7 +120,7 @@ class FieldConfig:
     # so it does not fight the mask at the object's extremities.
     blob_density: float = 5.0
     blob_radius: float = 0.2
-    backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else torch
+    backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else triton on CUDA, else torch
     bg_hidden_dim: int = 32
 
 

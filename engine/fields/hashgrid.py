@@ -21,8 +21,9 @@ Layout (what tcnn does, and therefore what we do):
   grid, else the xor of `corner[d] * prime[d]` (uint32 wrap-around); either way modulo
   `size_l`.
 
-`TcnnHashGridEncoding` wraps `tinycudann.Encoding` behind the same interface, and
-`make_hash_grid` picks one of the two.
+`TcnnHashGridEncoding` wraps `tinycudann.Encoding` behind the same interface,
+`TritonHashGridEncoding` (hashgrid_triton.py) runs this module's math as fused Triton kernels,
+and `make_hash_grid` picks one: tcnn, else Triton on CUDA, else this pure-PyTorch version.
 """
 
 from __future__ import annotations
@@ -337,7 +338,37 @@ class TcnnHashGridEncoding(nn.Module):
         return features.float().reshape(*lead_shape, self.output_dim)
 
 
+# ----------------------------------------------------------------------------- triton
+
+TRITON_INSTALL_FIX = (
+    "Triton comes with PyTorch's Linux CUDA wheels (`pip install torch`); elsewhere `pip install triton`, "
+    "or use backend 'torch' (pure PyTorch, same parameters, slower)."
+)
+
+
+def triton_available() -> bool:
+    """True when Triton imports and CUDA is usable (its kernels run on NVIDIA GPUs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _triton_usable() -> bool:
+    """CUDA with Triton, or Triton's CPU interpreter (TRITON_INTERPRET=1: tests)."""
+    try:
+        from engine.fields.hashgrid_triton import interpreting
+    except Exception:
+        return False
+    return interpreting() or triton_available()
+
+
 # ----------------------------------------------------------------------------- factory
+
+BACKENDS = ("auto", "tcnn", "triton", "torch")
 
 
 def make_hash_grid(
@@ -348,12 +379,19 @@ def make_hash_grid(
     finest_resolution: int = 2048,
     backend: str = "auto",
 ) -> nn.Module:
-    """A hash grid on `backend`: "tcnn", "torch", or "auto" (tcnn when available)."""
+    """A hash grid on `backend`: "tcnn", "triton", "torch", or "auto" (tcnn when available, else Triton
+    on CUDA, else torch). All three share parameters, outputs and state_dict."""
     args = (n_levels, n_features_per_level, log2_hashmap_size, base_resolution, finest_resolution)
     if backend == "auto":
-        backend = "tcnn" if tcnn_available() else "torch"
+        backend = "tcnn" if tcnn_available() else "triton" if triton_available() else "torch"
     if backend == "torch":
         return HashGridEncoding(*args)
     if backend == "tcnn":
         return TcnnHashGridEncoding(*args)
-    raise ValueError(f"unknown hash grid backend {backend!r}; use 'auto', 'torch' or 'tcnn'")
+    if backend == "triton":
+        if not _triton_usable():
+            raise DeviceError("The Triton hash grid needs Triton and a CUDA GPU.", TRITON_INSTALL_FIX)
+        from engine.fields.hashgrid_triton import TritonHashGridEncoding
+
+        return TritonHashGridEncoding(*args)
+    raise ValueError(f"unknown hash grid backend {backend!r}; use one of {', '.join(BACKENDS)}")

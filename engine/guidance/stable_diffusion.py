@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from engine.config import PriorConfig
 from engine.errors import DeviceError, EngineError, MissingWeightsError
+from engine.guidance.fast_paths import prior_modules
 
 # The subfolders of a diffusers-layout checkpoint that we load (see `_loader`).
 PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -182,6 +183,7 @@ class StableDiffusionGuidance:
         total = sd.num_train_timesteps
         self.min_step = int(cfg.t_range[0] * total)
         self.max_step = int(cfg.t_range[1] * total)
+        self.modules = prior_modules(sd, cfg.compile, cfg.channels_last)
 
     def sds_loss(self, images: torch.Tensor, cameras=None, lighting=None, background=None,
                  generator: torch.Generator | None = None, step_ratio: float | None = None,
@@ -194,6 +196,7 @@ class StableDiffusionGuidance:
         t annealed from max to min step; None keeps DreamFusion's uniform sampling.
         """
         del cameras, lighting, background
+        self.modules.begin_step()
         latents = self.encode(images, generator)
         batch = latents.shape[0]
         t = self.sample_timesteps(batch, generator, step_ratio)
@@ -208,8 +211,7 @@ class StableDiffusionGuidance:
         if self.cfg.render_to_model_resolution and images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         pixels = (images * 2.0 - 1.0).to(self.sd.device, self.sd.dtype)
-        posterior = self.sd.vae.encode(pixels).latent_dist
-        return posterior.sample(generator) * self.sd.vae.config.scaling_factor
+        return self.modules.encode_latents(pixels, generator)
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None, step_ratio: float | None):
         if step_ratio is not None:
@@ -243,7 +245,7 @@ class StableDiffusionGuidance:
             condition = self.text_embeddings[None].expand(batch, -1, -1, -1)
         context = torch.cat([condition[:, 0], condition[:, 1]])
         model_in = torch.cat([noisy, noisy]).to(self.sd.dtype)
-        eps = self.sd.unet(model_in, torch.cat([t, t]), encoder_hidden_states=context).sample.float()
+        eps = self.modules.unet(model_in, torch.cat([t, t]), context).float()
         eps_uncond, eps_cond = eps.chunk(2)
         return eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
 

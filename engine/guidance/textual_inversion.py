@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from engine.augment import augment_batch, augmentation_config
 from engine.config import TextualInversionConfig
 from engine.errors import EngineError
+from engine.guidance.fast_paths import prior_modules
 from engine.guidance.stable_diffusion import StableDiffusion, sample_normal
 
 FORMAT_VERSION = 1  # bump when the training recipe changes, so old cache entries are not reused
@@ -132,13 +133,18 @@ class LearnedEmbedding:
 
 def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInversionConfig,
                     generator: torch.Generator, progress: Progress | None = None,
-                    check_cancel: Callable[[], None] | None = None) -> LearnedEmbedding:
+                    check_cancel: Callable[[], None] | None = None, compile: str = "none") -> LearnedEmbedding:
     """Fit the placeholder's embedding to `image` ([3,H,W] in [0,1], object on white).
 
     One step = `grad_accumulation` micro-batches of `batch_size` augmented views, then one
     AdamW update (constant lr, as the official recipe); `progress(step, loss)` after each.
     `check_cancel()` runs before every micro-batch and raises to stop (a step can take minutes on a CPU).
+    With `cfg.accumulate_as_batch` the micro-batches run as one batch of batch_size x
+    grad_accumulation views: the same mean loss and gradient (tests/test_fast_paths.py) in one
+    UNet call instead of several, which is most of the time on a GPU (the calls are
+    launch-bound). `compile` picks the UNet/VAE execution (engine/guidance/fast_paths.py).
     """
+    modules = prior_modules(sd, compile)
     token_id = add_placeholder_token(sd, cfg.placeholder, cfg.initializer)
     initial = sd.text_encoder.get_input_embeddings().weight[token_id].detach().float()
     vector = torch.nn.Parameter(initial.clone())  # float32 master copy, cast for the forward
@@ -146,48 +152,63 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
     # fp16 weights on CUDA: scale the loss so the row's small gradients survive half precision.
     scaler = torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
     prompt = cfg.prompt.format(cfg.placeholder)
-    image = image.detach().float().cpu()
+    # The augmentations run where the model is (torch ops; their random draws stay on `generator`).
+    image = image.detach().float().to(sd.device)
+    micro_batches, micro_size = cfg.grad_accumulation, cfg.batch_size
+    if cfg.accumulate_as_batch:
+        micro_batches, micro_size = 1, cfg.batch_size * cfg.grad_accumulation
     losses = []
     for step in range(cfg.steps):
-        loss = 0.0
-        for _ in range(cfg.grad_accumulation):
+        loss = torch.zeros((), device=sd.device)
+        for _ in range(micro_batches):
             if check_cancel is not None:
                 check_cancel()
-            micro = _denoising_loss(sd, image, vector, token_id, prompt, cfg, generator) / cfg.grad_accumulation
+            modules.begin_step()
+            latents, t, noise = training_batch(sd, image, cfg.resolution, micro_size, generator, modules,
+                                               augmentation_config(cfg.augmentations))
+            micro = denoising_loss(sd, latents, t, noise, vector, token_id, prompt, modules) / micro_batches
             scaler.scale(micro).backward()
-            loss += micro.item()
+            loss += micro.detach()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
+        losses.append(float(loss))
         if progress is not None:
-            progress(step, loss)
+            progress(step, losses[-1])
     tail = losses[-max(1, min(100, len(losses) // 10)):] if losses else [float("nan")]
     return LearnedEmbedding(vector=vector.detach().cpu().clone(), placeholder=cfg.placeholder,
                             initializer=cfg.initializer, model_id=sd.model_id, steps=cfg.steps,
                             final_loss=sum(tail) / len(tail), losses=losses)
 
 
-def _denoising_loss(sd: StableDiffusion, image: torch.Tensor, vector: torch.Tensor, token_id: int,
-                    prompt: str, cfg: TextualInversionConfig, generator: torch.Generator) -> torch.Tensor:
-    """Eq. (2) on one fresh batch of augmented views: || eps_hat(z_t; prompt(e), t) - eps ||^2."""
-    views = augment_batch(image, cfg.resolution, cfg.batch_size, generator, augmentation_config(cfg.augmentations))
+def training_batch(sd: StableDiffusion, image: torch.Tensor, resolution: int, batch_size: int,
+                   generator: torch.Generator, modules=None,
+                   augmentations=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One fresh batch for eq. (2): latents of `batch_size` augmented views, their t and noise (float32)."""
+    modules = modules or prior_modules(sd, "none")
+    views = augment_batch(image.to(sd.device), resolution, batch_size, generator, augmentations)
     with torch.no_grad():
-        pixels = (views * 2.0 - 1.0).to(sd.device, sd.dtype)
-        latents = sd.vae.encode(pixels).latent_dist.sample(generator).float() * sd.vae.config.scaling_factor
+        latents = modules.encode_latents((views * 2.0 - 1.0).to(sd.dtype), generator).float()
     total = sd.num_train_timesteps
     t = torch.randint(0, total, (latents.shape[0],), generator=generator, device=generator.device).to(sd.device)
     noise = sample_normal(latents.shape, generator, sd.device)
+    return latents, t, noise
+
+
+def denoising_loss(sd: StableDiffusion, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   vector: torch.Tensor, token_id: int, prompt: str, modules=None) -> torch.Tensor:
+    """Eq. (2) on one batch: || eps_hat(z_t; prompt(e), t) - eps ||^2, mean over the batch's elements."""
+    modules = modules or prior_modules(sd, "none")
     noisy = sd.scheduler.add_noise(latents, noise, t).to(sd.dtype)
     context = encode_prompt(sd, prompt, vector, token_id).expand(latents.shape[0], -1, -1)
-    eps = sd.unet(noisy, t, encoder_hidden_states=context).sample
+    eps = modules.unet(noisy, t, context)
     return F.mse_loss(eps.float(), noise)
 
 
 def embedding_cache_key(content_hash: str, sd: StableDiffusion, cfg: TextualInversionConfig) -> str:
     """Everything that changes the learned vector: the image, the model, the recipe."""
     fields = {name: getattr(cfg, name) for name in (
-        "steps", "learning_rate", "batch_size", "grad_accumulation", "resolution",
+        "steps", "learning_rate", "batch_size", "grad_accumulation", "accumulate_as_batch", "resolution",
         "placeholder", "initializer", "prompt", "augmentations", "weight_decay")}
     payload = {"image": content_hash, "model": sd.model_id, "format": FORMAT_VERSION, **fields}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -195,7 +216,8 @@ def embedding_cache_key(content_hash: str, sd: StableDiffusion, cfg: TextualInve
 
 def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str, cfg: TextualInversionConfig,
                     cache_dir: Path, generator: torch.Generator, progress: Progress | None = None,
-                    check_cancel: Callable[[], None] | None = None) -> tuple[LearnedEmbedding, bool]:
+                    check_cancel: Callable[[], None] | None = None,
+                    compile: str = "none") -> tuple[LearnedEmbedding, bool]:
     """The cached embedding for this image/model/recipe if there is one (True), else train it (False).
 
     Textual inversion is the longest phase (about an hour at paper settings), so re-running
@@ -205,7 +227,7 @@ def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str,
     if cfg.cache and path.is_file():
         with contextlib.suppress(Exception):  # unreadable entry (old format, disk trouble): retrain
             return LearnedEmbedding.load(path), True
-    embedding = train_embedding(sd, image, cfg, generator, progress, check_cancel)
+    embedding = train_embedding(sd, image, cfg, generator, progress, check_cancel, compile=compile)
     if cfg.cache:
         embedding.save(path)
     return embedding, False
