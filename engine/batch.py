@@ -408,10 +408,11 @@ class PhotoWorker:
         """Who this worker is; refuses to work when it cannot see the batch's output folder."""
         import torch
 
-        if not Path(marker).is_file():
-            raise EngineError(f"The Ray worker on {socket.gethostname()} cannot see the output folder "
-                              f"({Path(marker).parent}).",
-                              "Put the output folder on storage every node mounts at the same path (NFS, ...).")
+        if not Path(marker).is_file():  # returned, not raised: the driver raises it as the EngineError it is
+            return {"error": {"problem": f"The Ray worker on {socket.gethostname()} cannot see the output folder "
+                                         f"({Path(marker).parent}).",
+                              "fix": "Put the output folder on storage every node mounts at the same path "
+                                     "(NFS, ...)."}}
         device = self.device
         if device == "cuda":
             device = f"cuda ({torch.cuda.get_device_name(0)}, Ray GPU {','.join(map(str, _ray_gpu_ids()))})"
@@ -541,15 +542,12 @@ class _RayPool:
         actor = self.starting.pop(ref)
         try:
             info = self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as exc:  # it raised: it cannot work here (e.g. no shared folder)
-            cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-            if isinstance(cause, EngineError):
-                raise EngineError(cause.problem, cause.fix) from exc
-            raise
-        except self.ray.exceptions.RayActorError as exc:
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as exc:
             raise EngineError(f"A Ray worker could not start ({_first_line(exc)}).",
                               "Check that every node has the engine installed (same Python and packages) "
                               "and read the Ray logs (/tmp/ray/session_latest/logs).") from exc
+        if "error" in info:
+            raise EngineError(info["error"]["problem"], info["error"]["fix"])
         self.idle.append((actor, info))
 
     def _finished(self, ref) -> None:
