@@ -498,6 +498,8 @@ class _RayPool:
         self.starting: dict = {}  # info ref -> actor
         self.idle: deque = deque()  # (actor, info)
         self.running: dict = {}  # run ref -> (actor, info, photo)
+        self.workers_started = 0  # workers that reported ready (replacements too)
+        self.respawns = 0  # replacements that died while starting
 
     def _spawn(self) -> None:
         actor = self.actor_class.remote(self.cfg, self.priors, self.use_gpu)
@@ -520,6 +522,7 @@ class _RayPool:
                         self._started(ref)
                     else:
                         self._finished(ref)
+                self._show_stages()
                 if self.running or self.idle:
                     waiting_since = time.monotonic()
                 elif time.monotonic() - waiting_since > self.settings.worker_start_timeout_s:
@@ -527,9 +530,19 @@ class _RayPool:
                                       f"(each needs {'a GPU' if self.use_gpu else 'a CPU'}).",
                                       "Check `ray status` for free resources, or ask for fewer --workers.")
         finally:
-            for actor in [*self.starting.values(), *(a for a, _ in self.idle), *(a for a, _, _ in self.running.values())]:
+            actors = [*self.starting.values(), *(a for a, _ in self.idle), *(a for a, _, _ in self.running.values())]
+            for actor in actors:
                 self.ray.kill(actor)
             self.marker.unlink(missing_ok=True)
+
+    def _show_stages(self) -> None:
+        """The running photos' stages, from their status.json (the workers' progress stays in the workers)."""
+        from .pipeline import Progress
+
+        for _actor, _info, photo in self.running.values():
+            stage = _read_status(self.out_root / photo.name).get("stage")
+            if stage:
+                self.progress.photo_progress(photo.name, Progress(stage))
 
     def _dispatch(self) -> None:
         while self.pending and self.idle:
@@ -542,12 +555,23 @@ class _RayPool:
         actor = self.starting.pop(ref)
         try:
             info = self.ray.get(ref)
-        except (self.ray.exceptions.RayActorError, self.ray.exceptions.RayTaskError) as exc:
+        except self.ray.exceptions.RayActorError as exc:
+            if self.workers_started and self.respawns < self.count * self.settings.max_attempts:
+                # a replacement died while starting (its node went away, ...): the others go on; try once more
+                self.respawns += 1
+                self.progress.note(f"a Ray worker died while starting ({_first_line(exc)}); starting another")
+                self._spawn()
+                return
+            raise EngineError(f"A Ray worker could not start ({_first_line(exc)}).",
+                              "Check that every node has the engine installed (same Python and packages) "
+                              "and read the Ray logs (/tmp/ray/session_latest/logs).") from exc
+        except self.ray.exceptions.RayTaskError as exc:
             raise EngineError(f"A Ray worker could not start ({_first_line(exc)}).",
                               "Check that every node has the engine installed (same Python and packages) "
                               "and read the Ray logs (/tmp/ray/session_latest/logs).") from exc
         if "error" in info:
             raise EngineError(info["error"]["problem"], info["error"]["fix"])
+        self.workers_started += 1
         self.idle.append((actor, info))
 
     def _finished(self, ref) -> None:

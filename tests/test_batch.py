@@ -150,9 +150,9 @@ def test_ray_batch_survives_a_killed_worker_and_resumes_its_photo(tmp_path, phot
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rgba_disc(photos / "large.png", radius=0.4)
     out = tmp_path / "out"
-    # Long enough a fit (checkpoints every 2 of 24 steps) that the kill lands mid-photo, after a checkpoint.
-    settings = settings_for(tiny_sd_dir, tmp_path / "cache", "fit.iterations=24", "fit.checkpoint_every=2",
-                            "fit.preview_every=12", ray="local", workers=2)
+    # Long enough a fit (checkpoints every 2 of 16 steps) that the kill lands mid-photo, after a checkpoint.
+    settings = settings_for(tiny_sd_dir, tmp_path / "cache", "fit.iterations=16", "fit.checkpoint_every=2",
+                            "fit.preview_every=8", ray="local", workers=2)
     killer = KillWhenCheckpointed(out)
     killer.start()
     try:
@@ -164,7 +164,7 @@ def test_ray_batch_survives_a_killed_worker_and_resumes_its_photo(tmp_path, phot
     assert killer.killed is not None, "no photo reached a checkpoint while running"
     name, pid = killer.killed
     states = {n: (r.state, r.steps) for n, r in result.results.items()}
-    assert states == {n: ("done", 24) for n in ("disc", "large", "small")}
+    assert states == {n: ("done", 16) for n in ("disc", "large", "small")}
     assert all(folder_state(out, n)["state"] == "done" for n in states)
 
     killed = result.results[name]
