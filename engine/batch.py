@@ -348,6 +348,12 @@ def run_batch(photos_dir: Path, out_root: Path, settings: BatchSettings, *, prio
     if settings.workers is not None and settings.workers < 1:
         raise EngineError("--workers must be at least 1.", "Use --workers N with N >= 1, or leave it out.")
     photos = find_photos(photos_dir)
+    if settings.uses_ray:
+        _import_ray()  # not installed: say so before anything is written
+    else:
+        from .pipeline import resolve_device
+
+        resolve_device(settings.device)  # --device cuda without a GPU: refused before anything is written
     OutputDir(out_root)  # created and checked writable
     out_root = Path(out_root).resolve()
     summary = BatchSummary(out_root, photos, settings, Path(photos_dir).resolve())
@@ -443,6 +449,7 @@ def connect(settings: BatchSettings) -> bool:
     if ray.is_initialized():
         return False  # the caller (a test, the benchmark) already connected
     if settings.ray in (None, "local"):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a cluster started for one batch reports nowhere
         engine_root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=max(os.cpu_count() or 1, settings.workers or 1), include_dashboard=False,
