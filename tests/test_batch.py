@@ -175,3 +175,20 @@ def test_ray_batch_survives_a_killed_worker_and_resumes_its_photo(tmp_path, phot
     assert all(r.attempts == 1 and r.resumed_from_step == 0 for r in others)
     assert len({r.worker["pid"] for r in result.results.values()}) >= 2  # two workers shared the batch
     assert summary(out)[name]["resumed_from_step"] == killed.resumed_from_step
+
+
+def test_photos_with_one_stem_get_their_own_folders_and_hidden_files_are_left_out(tmp_path):
+    from engine.batch import find_photos
+
+    rgba_disc(tmp_path / "cup.png")
+    (tmp_path / "cup.JPG").write_bytes(b"the folder listing does not open the files")
+    rgba_disc(tmp_path / "vase.png")
+    rgba_disc(tmp_path / ".hidden.png")
+    (tmp_path / "sub").mkdir()
+    rgba_disc(tmp_path / "sub" / "deep.png")
+    assert [p.name for p in find_photos(tmp_path)] == ["cup.JPG", "cup.png", "vase"]
+
+
+def test_zero_workers_is_refused(tmp_path, photos, tiny_sd_dir, capsys):
+    assert main(batch_args(photos, tmp_path / "out", tiny_sd_dir, tmp_path / "c", "--workers", "0")) == 2
+    assert "--workers" in capsys.readouterr().err and not (tmp_path / "out").exists()
