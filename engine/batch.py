@@ -348,30 +348,32 @@ def run_batch(photos_dir: Path, out_root: Path, settings: BatchSettings, *, prio
     if settings.workers is not None and settings.workers < 1:
         raise EngineError("--workers must be at least 1.", "Use --workers N with N >= 1, or leave it out.")
     photos = find_photos(photos_dir)
-    if settings.uses_ray:
-        _import_ray()  # not installed: say so before anything is written
-    else:
+    if not settings.uses_ray:
         from .pipeline import resolve_device
 
         resolve_device(settings.device)  # --device cuda without a GPU: refused before anything is written
     OutputDir(out_root)  # created and checked writable
     out_root = Path(out_root).resolve()
-    summary = BatchSummary(out_root, photos, settings, Path(photos_dir).resolve())
-    todo = summary.pending(photos)
-    summary.save()
-    priors = priors or StableDiffusionPriors(cache_dir=settings.cache_dir)
-    progress.begin(len(photos), len(photos) - len(todo))
+    ray_started_here = connect(settings) if settings.uses_ray else False  # no cluster: refused before the summary
     try:
-        if todo:
-            if settings.uses_ray:
-                _run_on_ray(todo, out_root, cfg, settings, priors, summary, progress)
-            else:
+        summary = BatchSummary(out_root, photos, settings, Path(photos_dir).resolve())
+        todo = summary.pending(photos)
+        summary.save()
+        priors = priors or StableDiffusionPriors(cache_dir=settings.cache_dir)
+        progress.begin(len(photos), len(photos) - len(todo))
+        try:
+            if todo and settings.uses_ray:
+                _RayPool(_import_ray(), todo, out_root, cfg, settings, priors, summary, progress).run()
+            elif todo:
                 _run_here(todo, out_root, cfg, settings, priors, summary, progress)
-    except BaseException:
-        summary.interrupt_running()
-        raise
+        except BaseException:
+            summary.interrupt_running()
+            raise
+        finally:
+            progress.close()
     finally:
-        progress.close()
+        if ray_started_here:
+            _import_ray().shutdown()
     summary.save(finished=True)
     return summary
 
@@ -449,30 +451,33 @@ def connect(settings: BatchSettings) -> bool:
     if ray.is_initialized():
         return False  # the caller (a test, the benchmark) already connected
     if settings.ray in (None, "local"):
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a cluster started for one batch reports nowhere
         engine_root = str(Path(__file__).resolve().parent.parent)
         path = os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=max(os.cpu_count() or 1, settings.workers or 1), include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})  # this engine, on every worker
+        # address="local": always a new cluster, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, settings.workers or 1),
+                 include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})  # this engine, on every worker
         return True
+    fix = ("Check the address printed by `ray start --head` (e.g. --ray 10.0.0.5:6379, or --ray auto on a "
+           "cluster node); a cluster with Ray's token authentication also needs RAY_AUTH_MODE=token and its token "
+           "(~/.ray/auth_token); or use --ray local.")
+    _check_reachable(settings.ray, fix)
     try:
         ray.init(address=settings.ray, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise EngineError(f"Could not connect to the Ray cluster at {settings.ray} ({exc}).",
-                          "Check the address printed by `ray start --head` (e.g. --ray 10.0.0.5:6379, or "
-                          "--ray auto on a cluster node), or use --ray local.") from exc
+        raise EngineError(f"Could not connect to the Ray cluster at {settings.ray} ({exc}).", fix) from exc
     return True
 
 
-def _run_on_ray(todo: list[Photo], out_root: Path, cfg, settings: BatchSettings, priors, summary: BatchSummary,
-                progress: BatchProgress) -> None:
-    ray = _import_ray()
-    started_here = connect(settings)
+def _check_reachable(address: str, fix: str, timeout_s: float = 10.0) -> None:
+    """A host:port nobody listens on fails here in seconds (Ray itself keeps retrying for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
     try:
-        _RayPool(ray, todo, out_root, cfg, settings, priors, summary, progress).run()
-    finally:
-        if started_here:
-            ray.shutdown()
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise EngineError(f"Nothing answers at the Ray address {address} ({exc.strerror or exc}).", fix) from exc
 
 
 class _RayPool:

@@ -117,6 +117,10 @@ def test_bad_batch_input_is_refused_before_any_work(tmp_path, tiny_sd_dir, photo
     code = main(batch_args(photos, tmp_path / "out3", tiny_sd_dir, tmp_path / "c", "--set", "fit.iters=3"))
     assert code == ConfigError.exit_code and "fit.iters" in capsys.readouterr().err
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out3").exists()
+    # A Ray address nobody listens on: refused in seconds (Ray itself retries for minutes), no summary written.
+    assert main(batch_args(photos, tmp_path / "out4", tiny_sd_dir, tmp_path / "c", "--ray", "127.0.0.1:1")) == 2
+    assert "Nothing answers at the Ray address 127.0.0.1:1" in capsys.readouterr().err
+    assert not (tmp_path / "out4" / SUMMARY_FILE).exists()
 
 
 # ------------------------------------------------------------------------------------------------ Ray
