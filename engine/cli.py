@@ -35,6 +35,29 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
     rec.add_argument("--restart", action="store_true", help="ignore a checkpoint left in the output folder")
 
+    bat = commands.add_parser("batch", help="reconstruct every photo of a folder, one subfolder each: skips those "
+                                            "done, resumes interrupted ones; optionally spread over a Ray cluster")
+    bat.add_argument("photos", type=Path, help="folder of photos (PNG, JPEG, ...; subfolders are not searched)")
+    bat.add_argument("-o", "--output", type=Path, required=True,
+                     help="folder for the results: OUT/<photo>/ each, and the summary OUT/batch.json")
+    bat.add_argument("--preset", choices=sorted(PRESETS), default="standard")
+    bat.add_argument("--model", help="Stable Diffusion hub id or local folder (default: the preset's, SD 1.5)")
+    bat.add_argument("--method", choices=METHODS, default="realfusion")
+    bat.add_argument("--seed", type=int, default=0)
+    bat.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when there is one); "
+                                                      "with Ray: cpu for CPU workers, else one GPU per worker")
+    bat.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
+    bat.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
+    bat.add_argument("--ray", metavar="ADDRESS|local", help="run on Ray: the address of a running cluster "
+                                                            "(host:6379, auto), or local to start one here")
+    bat.add_argument("--workers", type=int, help="Ray workers (implies --ray local when --ray is not given; "
+                                                 "default: one per GPU of the cluster, or 1 on CPU)")
+    bat.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help="GPU share of a Ray worker (default 1; 0.5 puts two workers on each GPU)")
+    bat.add_argument("--max-attempts", type=int, default=3,
+                     help="runs of a photo whose worker keeps dying before it is reported failed (default 3)")
+
     demo = commands.add_parser("demo", help="offline demo: reconstruct a bundled synthetic object with the "
                                             "oracle prior (no weights needed), export it and score it")
     demo.add_argument("-o", "--output", type=Path, default=Path("out/demo"), help="folder for the results")
@@ -151,6 +174,20 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import BatchProgressBar, BatchSettings, run_batch
+
+    settings = BatchSettings(preset=args.preset, method=args.method, model=args.model, seed=args.seed,
+                             overrides=args.overrides, device=args.device, cache_dir=args.cache_dir, ray=args.ray,
+                             workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                             max_attempts=args.max_attempts)
+    summary = run_batch(args.photos, args.output, settings, progress=BatchProgressBar())
+    counts = summary.counts()
+    print(f"batch: {counts['done']} done ({counts['skipped']} already), {counts['failed']} failed; "
+          f"summary in {summary.path}")
+    return 1 if counts["failed"] else 0
+
+
 def cmd_demo(args) -> int:
     from .harness.demo import run_demo
     from .harness.objects import OBJECTS
@@ -219,8 +256,8 @@ def cmd_serve(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"reconstruct": cmd_reconstruct, "demo": cmd_demo, "serve": cmd_serve, "export": cmd_export,
-                "eval": cmd_eval}
+    handlers = {"reconstruct": cmd_reconstruct, "batch": cmd_batch, "demo": cmd_demo, "serve": cmd_serve,
+                "export": cmd_export, "eval": cmd_eval}
     try:
         return handlers[args.command](args)
     except EngineError as exc:
