@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import bpy
@@ -347,9 +348,9 @@ def import_result(context, glb_path: str, camera_path: str = "", *, name: str = 
     if 'FINISHED' not in result or not any(ob.type == 'MESH' for ob in new_objects):
         _remove_objects(new_objects)
         if cause:
-            raise ImportProblem(f"Blender's glTF importer failed on {os.path.basename(glb_path)}: {cause}",
-                                "This is a problem of Blender's glTF add-on, not of the file: update Blender "
-                                "(or its glTF add-on), then press Import again.")
+            raise ImportProblem(f"Blender's glTF importer could not read {os.path.basename(glb_path)}: {cause}",
+                                "If that names Blender's own code (its glTF add-on), update Blender and press "
+                                "Import again; if the file is damaged, press Fetch Result to download it again.")
         raise ImportProblem(f"Blender's glTF importer could not read a mesh from {glb_path}.",
                             "Fetch the result again (or export it again with `realfusion export`); the engine's "
                             "log says more if it keeps happening.")
@@ -401,8 +402,14 @@ def import_result(context, glb_path: str, camera_path: str = "", *, name: str = 
 
 
 def _last_line(exc: BaseException) -> str:
-    """The innermost cause of an error, one line (Blender's operator errors carry the whole traceback)."""
+    """The innermost cause of an error, one line: Blender's operator errors carry a whole Python traceback
+    ("Error: Python: Traceback ...", then "AttributeError: ...", then "Location: ..."); its last
+    "SomethingError: ..." line says what went wrong."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    if causes:
+        return causes[-1]
+    lines = [line for line in lines if not line.startswith("Location:")]
     return lines[-1] if lines else type(exc).__name__
 
 

@@ -21,9 +21,10 @@ STATE_ICONS = {
     "interrupted": 'PAUSE',
     "unreachable": 'UNLINKED',
 }
-HAS_PROGRESS = hasattr(bpy.types.UILayout, "progress")  # UILayout.progress: Blender 4.0+
+HAS_PROGRESS = "progress" in bpy.types.UILayout.bl_rna.functions  # UILayout.progress: Blender 4.0+
 CHAR_WIDTH = 7.5  # pixels per character of the UI font at scale 1 (an average over capitals and small letters)
-LABEL_MARGIN = 64  # pixels a label loses to the panel's and a box's margins and an icon
+LABEL_MARGIN = 36  # pixels a label loses to the panel's margins and an icon
+BOX_MARGIN = 64  # ...and inside a box
 
 
 def format_eta(seconds: float) -> str:
@@ -70,13 +71,13 @@ def progress_text(job) -> str:
     return " · ".join(parts)
 
 
-def wrapped_labels(layout, text: str, context=None, icon='NONE') -> None:
+def wrapped_labels(layout, text: str, context=None, icon='NONE', boxed: bool = False) -> None:
     """A long message as several labels, wrapped to the sidebar's width (font and margins scaled)."""
     region = getattr(context, "region", None) if context is not None else None
     width = getattr(region, "width", 0) or 280
     prefs = getattr(context, "preferences", None) if context is not None else None
     scale = getattr(getattr(prefs, "system", None), "ui_scale", 1.0) or 1.0
-    chars = max(16, int((width - LABEL_MARGIN * scale) / (CHAR_WIDTH * scale)))
+    chars = max(16, int((width - (BOX_MARGIN if boxed else LABEL_MARGIN) * scale) / (CHAR_WIDTH * scale)))
     for index, line in enumerate(textwrap.wrap(text, chars) or [""]):
         layout.label(text=line, icon=icon if index == 0 else 'BLANK1' if icon != 'NONE' else 'NONE')
 
@@ -85,10 +86,10 @@ def draw_error(layout, context, problem: str, fix: str, kind: str, dismiss: bool
     box = layout.box()
     box.alert = True
     col = box.column(align=True)
-    wrapped_labels(col, problem, context, icon='ERROR')
+    wrapped_labels(col, problem, context, icon='ERROR', boxed=True)
     if fix:
         col.separator()
-        wrapped_labels(col, fix, context, icon='INFO')
+        wrapped_labels(col, fix, context, icon='INFO', boxed=True)
     if kind == "offline":
         row = box.row(align=True)
         prefs = preferences.get(context)
@@ -145,7 +146,7 @@ def draw_options(layout, settings, context=None) -> None:
         name = default_preset(context).capitalize()
         row = col.split(factor=0.34)
         row.label(text="")
-        row.label(text=f"= {name} (Preferences)")
+        row.label(text=f"= {name}")  # the preferences' Default Preset
     _labelled(col, settings, "method", "Method")
     _labelled(col, settings, "seed", "Seed")
     _labelled(col, settings, "initializer", "Object")

@@ -63,7 +63,7 @@ def test_reconstruct_in_a_blender_window_then_undo_once(tmp_path, tiny_sd_dir):
             [XVFB_RUN, "-a", "-s", "-screen 0 1280x1280x24", BLENDER, "--factory-startup",
              "--enable-event-simulate", "--python", str(SCRIPT), "--", f"http://127.0.0.1:{server.port}",
              str(photo), str(report_path), str(overrides), str(server.jobs_dir), str(shots)],
-            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     finally:
         server.stop()
     output = (run.stdout[-3000:] + run.stderr[-3000:])
@@ -78,6 +78,11 @@ def test_reconstruct_in_a_blender_window_then_undo_once(tmp_path, tiny_sd_dir):
     assert "running" in report["states"] and report["previews"] >= 2
     assert report["progress"] == sorted(report["progress"])
     assert "textual_inversion" not in " ".join(report["messages"])  # words, not identifiers
+
+    # Debian's Blender 3.4 glTF importer breaks on numpy 1.24 (np.bool): the panel names the cause, not the file
+    if report.get("gltf_failure"):
+        state, kind, problem, fix = report["gltf_failure"]
+        assert state == "done" and kind == "import" and "bool" in problem and "numpy" in problem, report["gltf_failure"]
 
     # the default scene: the Cube around the origin would hide the mesh; it is hidden and named
     assert {"Cube", "Light", "Camera"} <= set(report["startup_objects"])
@@ -108,4 +113,5 @@ def test_reconstruct_in_a_blender_window_then_undo_once(tmp_path, tiny_sd_dir):
         assert image.shape[0] > 200 and image.std() > 5, (name, image.shape)  # a drawn panel, not a blank
     if os.environ.get("REALFUSION_UPDATE_SCREENSHOTS"):
         for name in SHOTS:
-            Image.open(shots / f"{name}.png").save(ROOT / "docs" / f"blender-{name}.png", optimize=True)
+            small = Image.open(shots / f"{name}.png").convert("RGB").quantize(colors=96)  # UI: few colors
+            small.save(ROOT / "docs" / f"blender-{name}.png", optimize=True)

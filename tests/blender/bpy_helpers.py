@@ -228,6 +228,10 @@ class FakeLayout:
         return "\n".join(str(call.get("text", "")) for entry in self.log if entry[0] not in ("set",)
                          for call in [entry[1]] if isinstance(call, dict))
 
+    def flowing_text(self) -> str:
+        """texts() with wrapped lines joined again, for phrases that a wrap may split."""
+        return " ".join(self.texts().split())
+
     def operators(self) -> list[str]:
         return [call["operator"] for call in self.calls("operator")]
 
