@@ -268,8 +268,10 @@ def photo_view(spec: CameraSpec, framing: dict) -> CameraSpec:
 
 # ---------------------------------------------------------------------------------------- a clear view
 
-def find_occluders(scene, camera, meshes, samples: int = 24) -> list:
-    """Other visible objects that stand between the camera and the mesh on some ray through the frame."""
+def find_occluders(scene, camera, meshes, samples: int = 16) -> list:
+    """Other visible objects that stand between the camera and the mesh on some ray of a samples x samples
+    grid through the frame (Scene.ray_cast sets up its search anew each call: a coarse grid keeps a heavy
+    scene's import quick; an object small enough to slip between its rays hides little of the mesh)."""
     depsgraph = bpy.context.evaluated_depsgraph_get()
     ours = {ob.name for ob in meshes}
     frame = camera.data.view_frame(scene=scene)

@@ -139,8 +139,9 @@ def relocate_results(blend_path: str) -> list[str]:
     folder = prefs.output_dir if prefs is not None else "//realfusion"
     if not folder.startswith("//"):
         return []
-    root = os.path.join(os.path.dirname(blend_path), folder[2:].strip("/\\") or "realfusion")
-    temp = os.path.join(tempfile.gettempdir(), "")
+    relative = folder[2:].strip("/\\") or "realfusion"
+    root = os.path.join(os.path.dirname(blend_path), relative)
+    temp = os.path.join(tempfile.gettempdir(), relative, "")  # where output_root put them while unsaved
     moved = []
     for scene in bpy.data.scenes:
         for job in scene.realfusion.jobs:
@@ -149,6 +150,8 @@ def relocate_results(blend_path: str) -> list[str]:
             if not old.startswith(temp) or (worker is not None and worker.is_alive()):
                 continue  # a job still downloading moves at a later save
             new = os.path.join(root, os.path.basename(old.rstrip("/\\")))
+            if os.path.normpath(new) == os.path.normpath(old):
+                continue
             if os.path.isdir(old):
                 os.makedirs(root, exist_ok=True)
                 shutil.copytree(old, new, dirs_exist_ok=True)

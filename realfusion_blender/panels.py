@@ -22,9 +22,11 @@ STATE_ICONS = {
     "unreachable": 'UNLINKED',
 }
 HAS_PROGRESS = "progress" in bpy.types.UILayout.bl_rna.functions  # UILayout.progress: Blender 4.0+
-CHAR_WIDTH = 7.5  # pixels per character of the UI font at scale 1 (an average over capitals and small letters)
-LABEL_MARGIN = 36  # pixels a label loses to the panel's margins and an icon
-BOX_MARGIN = 64  # ...and inside a box
+# Measured in Blender's sidebar (tests/test_blender_gui.py's screenshots): the UI font averages about 5.6 px a
+# character at scale 1; a label loses ~36 px to the panel's margins, one inside an error box with an icon ~100.
+CHAR_WIDTH = 6.0
+LABEL_MARGIN = 36
+BOX_MARGIN = 100
 
 
 def format_eta(seconds: float) -> str:

@@ -17,6 +17,7 @@ import bpy
 # job key -> (scene name, {property: value}); this Blender session's jobs of the open file
 _RECORDS: dict[str, tuple[str, dict]] = {}
 _SKIP = {"rna_type"}
+IMPORT_FIELDS = ("imported", "collection_name", "camera_name", "hidden")  # undo-tracked: the file decides
 
 
 def _fields(job) -> dict:
@@ -43,7 +44,11 @@ def rebuild() -> None:
 
 def restore() -> list[str]:
     """Put every recorded job back into its scene's list, in the order they were added. Returns the keys
-    that an undo or redo had taken away."""
+    that an undo or redo had taken away.
+
+    The job's own fields (state, progress, files...) come from the record: the engine's progress is no
+    undo step. Whether it is imported is what the undo or redo left in the file: an undo of the import
+    leaves no collection (Import is offered again), a redo brings it back with the job as it was then."""
     restored = []
     for key, (scene_name, fields) in list(_RECORDS.items()):
         scene = bpy.data.scenes.get(scene_name)
@@ -54,16 +59,11 @@ def restore() -> list[str]:
         if job is None:
             job = settings.jobs.add()
             restored.append(key)
-        imported = bool(fields.get("collection_name")) and fields["collection_name"] in bpy.data.collections \
-            and fields.get("imported", False)
         for name, value in fields.items():
-            if name in ("imported",):
-                continue
-            if getattr(job, name) != value:
+            if name not in IMPORT_FIELDS and getattr(job, name) != value:
                 setattr(job, name, value)
-        # what the undo left decides: an undone import is no import (the panel offers Import again)
-        job.imported = imported and job.collection_name in bpy.data.collections
-        if not job.imported:
+        if not (job.imported and job.collection_name in bpy.data.collections):
+            job.imported = False
             job.collection_name = job.camera_name = job.hidden = ""
         _RECORDS[key] = (scene_name, _fields(job))
     _reorder()

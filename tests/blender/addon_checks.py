@@ -632,6 +632,32 @@ def check_the_job_list_survives_an_undo():
     remove_job(settings, "first")
     assert records.restore() == [] and [j.key for j in settings.jobs] == ["second"]
 
+    # a redo brings the import back: the file's word on it stands (the record said "not imported")
+    kept = bpy.data.collections.new("kept")
+    second.imported, second.collection_name = True, kept.name
+    assert records.restore() == [] and second.imported and second.collection_name == "kept"
+
+
+def check_results_move_next_to_the_blend_when_it_is_saved():
+    from realfusion_blender.operators import find_job, start_job
+
+    with serving("ok", running_polls=1):
+        load_photo()
+        key = start_job(bpy.context)
+        assert drive(bpy.context, key)[0] == "imported"
+    job = find_job(key)[1]
+    old = job.folder
+    assert old.startswith(tempfile.gettempdir()) and os.path.isfile(os.path.join(old, "mesh.glb"))
+    background = bpy.context.scene.camera.data.background_images[0].image
+    assert background.packed_file is not None  # from a temporary folder: packed, it outlives the folder
+    blend = os.path.join(TMP, "saved-later", "scene.blend")
+    os.makedirs(os.path.dirname(blend), exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=blend)
+    job = find_job(key)[1]
+    expected = os.path.join(TMP, "saved-later", "realfusion", os.path.basename(old))
+    assert job.folder == expected and os.path.isfile(os.path.join(expected, "mesh.glb")), (job.folder, expected)
+    assert job.glb_path == os.path.join(expected, "mesh.glb") and not os.path.exists(old)
+
 
 def check_messages_speak_of_the_add_on():
     from realfusion_blender import messages
@@ -750,10 +776,14 @@ def check_reconstruct_against_a_fake_engine_imports_the_result():
 def check_several_jobs_run_side_by_side():
     from realfusion_blender.operators import start_job
 
-    with serving("ok", running_polls=2):
+    with serving("ok", running_polls=2) as engine:
         load_photo()
         first = start_job(bpy.context)
+        bpy.context.scene.realfusion.initializer = " teddy "
         second = start_job(bpy.context, image_name=load_photo(ASSETS["photo_jpg"]).name)
+        wait_for(lambda: len(engine.submissions) == 2, what="both submissions")
+        by_name = {sub["filename"]: sub for sub in engine.submissions}
+        assert "initializer" not in by_name["photo.png"] and by_name["photo.jpg"]["initializer"] == "teddy"
         settings = bpy.context.scene.realfusion
         assert [j.key for j in settings.jobs] == [first, second] and settings.active_job == 1
         assert drive(bpy.context, first)[0] == "imported" and drive(bpy.context, second)[0] == "imported"
