@@ -31,7 +31,8 @@ STAGE_LABELS = {
 RECOVERABLE_KINDS = ("offline", "resource")
 _RESOURCE_WORDS = ("out of memory", "disk is full", "no space", "interrupted", "stopped", "restart")
 _INPUT_PATH = re.compile(r"(?:[A-Za-z]:)?[^\s'\"]*[\\/]jobs[\\/][^\s'\"\\/]+[\\/]input\.(?:png|jpg|jpeg)")
-_MODEL_WORDS = ("huggingface-cli", "--model", "weights", "model_index.json", "diffusion model")
+# the engine's missing / unloadable Stable Diffusion (not rembg's U2-Net, whose fix is the engine's own)
+_MODEL_WORDS = ("huggingface-cli", "--model", "Stable Diffusion weights", "model_index.json")
 
 
 def stage_label(stage: str) -> str:
@@ -49,10 +50,9 @@ def for_user(error: dict | None, photo: str = "") -> dict | None:
     problem, fix, kind = str(error.get("problem", "")), str(error.get("fix", "")), str(error.get("kind", ""))
     if photo:
         problem, fix = _INPUT_PATH.sub(photo, problem), _INPUT_PATH.sub(photo, fix)
-        problem = problem.replace("Input image input.png", f"The photo {photo}")
     if kind == "auth" or "bearer token" in problem.lower():
         kind, fix = "auth", TOKEN_FIX
-    elif any(word in (problem + " " + fix) for word in _MODEL_WORDS) and "model" in (problem + fix).lower():
+    elif any(word in (problem + " " + fix) for word in _MODEL_WORDS):
         kind, fix = "model", MODEL_FIX
     elif kind in ("engine", "") and any(word in (problem + " " + fix).lower() for word in _RESOURCE_WORDS):
         kind = "resource"
