@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ Remover = Callable[[Image.Image], Union[Image.Image, np.ndarray]]
 REFERENCE_NAME = "reference.png"
 MASK_NAME = "reference_mask.png"
 _SOURCE_KEY = "realfusion:source"  # PNG text chunk, so load_reference knows where the alpha came from
+# PNG text chunk: which square of the input photo the reference shows, {"box": [x0, y0, x1, y1] in the
+# photo's pixels (y down, may reach outside it), "size": [W, H]}; the Blender add-on lines the photo up by it
+_FRAMING_KEY = "realfusion:framing"
 _ALPHA_MODES = ("RGBA", "LA", "La", "PA", "RGBa")
 _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -38,6 +42,7 @@ class ReferenceImage:
     mask: np.ndarray  # float32 [S,S] in [0,1]: the alpha
     content_hash: str  # sha256 of the RGBA bytes and size; keys the cached textual-inversion embedding
     source: str  # "alpha" (the input's own transparency) or "rembg"
+    framing: dict | None = None  # {"box", "size"}: where in the input photo the square was cut (see _FRAMING_KEY)
 
     def rgba_uint8(self) -> np.ndarray:
         """[S,S,4] straight (not premultiplied) color and alpha, as written to reference.png."""
@@ -262,8 +267,12 @@ def prepare_reference(path, cfg: MattingConfig, remover: Remover | None = None) 
     """load -> cut out -> center on a square -> composite over white."""
     image = load_image(path, cfg)
     source = "alpha" if has_alpha(image) else "rembg"
-    framed = center_on_square(cut_out(image, cfg, remover), cfg)
-    return _reference_from_rgba(_to_uint8(framed), source)
+    cut = cut_out(image, cfg, remover)
+    framed = center_on_square(cut, cfg)
+    reference = _reference_from_rgba(_to_uint8(framed), source)
+    box = _framing_box(cut[..., 3] > cfg.alpha_threshold, cfg.object_fraction)
+    reference.framing = {"box": [round(float(v), 3) for v in box], "size": list(image.size)}
+    return reference
 
 
 def _reference_from_rgba(rgba: np.ndarray, source: str) -> ReferenceImage:
@@ -293,6 +302,8 @@ def save_reference(ref: ReferenceImage, outdir) -> dict[str, Path]:
     rgba = ref.rgba_uint8()
     info = PngImagePlugin.PngInfo()
     info.add_text(_SOURCE_KEY, ref.source)
+    if ref.framing:
+        info.add_text(_FRAMING_KEY, json.dumps(ref.framing))
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         _write_png_atomic(Image.fromarray(rgba), paths["reference"], info)
@@ -327,10 +338,16 @@ def load_reference(outdir) -> ReferenceImage:
         with Image.open(path) as opened:
             opened.load()
             source = opened.info.get(_SOURCE_KEY, "alpha")
+            framing = opened.info.get(_FRAMING_KEY)
             rgba = np.asarray(opened.convert("RGBA"))
     except (OSError, SyntaxError, ValueError) as err:
         raise OutputDirError(
             f"{path} could not be read ({err}).",
             "Delete it and prepare the reference again from the input image.",
         ) from err
-    return _reference_from_rgba(rgba, source)
+    reference = _reference_from_rgba(rgba, source)
+    try:
+        reference.framing = json.loads(framing) if framing else None
+    except ValueError:
+        reference.framing = None
+    return reference

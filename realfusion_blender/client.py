@@ -72,7 +72,9 @@ class EngineClient:
         return self._json("GET", "/health")
 
     def submit(self, image_png: bytes, filename: str, preset: str = "standard", method: str = "realfusion",
-               seed: int = 0, model: str | None = None, overrides: list[str] | None = None) -> dict:
+               seed: int = 0, model: str | None = None, overrides: list[str] | None = None,
+               initializer: str | None = None) -> dict:
+        """initializer: the word naming the object, textual inversion's starting point (omitted: the engine's)."""
         body = {
             "image_png_base64": base64.b64encode(image_png).decode("ascii"),
             "filename": filename,
@@ -82,6 +84,8 @@ class EngineClient:
             "model": model or None,
             "overrides": list(overrides or []),
         }
+        if initializer:
+            body["initializer"] = initializer
         return self._json("POST", "/jobs", body, timeout=max(self.timeout, 30.0))
 
     def job(self, job_id: str) -> dict:
@@ -163,11 +167,11 @@ class EngineClient:
         error = payload.get("error") if isinstance(payload, dict) else None
         if exc.code in (401, 403):
             problem = "The engine refused the add-on's token." if self.token else "The engine asks for a token."
-            fix = ("Copy the token from the engine's token file (`realfusion serve` prints where it is) into the "
-                   "add-on's preferences, or leave the field empty to read the file.")
+            # the engine's own fix speaks of curl headers; here the token is set in the preferences
+            fix = ("Set Token (or Engine Data Folder, where the engine keeps its token file) in the add-on's "
+                   "preferences.")
             if isinstance(error, dict) and error.get("problem"):
                 problem = error["problem"]
-                fix = error.get("fix") or fix
             return EngineError(problem, fix, kind="auth", status=exc.code)
         if isinstance(error, dict) and error.get("problem"):
             return EngineError(str(error["problem"]), str(error.get("fix") or ""), kind="engine", status=exc.code)

@@ -175,7 +175,7 @@ class Health:
         if self.info:
             device = self.info.get("gpu") or self.info.get("device", "?")
             queue = self.info.get("queue", 0)
-            text = f"Engine {self.info.get('version', '?')} on {device}"
+            text = f"Engine on {device}"  # short: the sidebar is narrow (the version: Status, preferences)
             return text + (f", {queue} queued" if queue else "")
         if self.error is not None:
             return "Engine not reachable" if self.error.kind == "offline" else "Engine error"

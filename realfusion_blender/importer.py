@@ -3,7 +3,16 @@
 
 Everything here runs on the main thread inside one operator (`realfusion.import_result`,
 which has the UNDO flag), so one undo step removes all of it: the collection, the mesh,
-the camera, and the scene's camera and render size.
+the camera, the scene's camera and render size, and the objects hidden for the view.
+
+The engine reconstructs from a re-framed copy of the photo (reference.png: the object
+centered on a square, scaled to a fixed share of it). It records which square of the
+photo that is (`realfusion:framing` in reference.png); from it the camera is widened and
+shifted to frame the whole photo, so the user's own photo is its background and lines up.
+
+The mesh lands at the origin, where most scenes (Blender's startup file: the Cube) already
+have something; whatever stands between the new camera and the mesh is hidden (viewport and
+render) and named in the panel, so the first look through the camera shows the result.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import bpy
@@ -190,6 +200,116 @@ def setup_camera(scene, collection, spec: CameraSpec, name: str, background=None
     return camera
 
 
+# ---------------------------------------------------------------------------------------- the photo's framing
+
+def png_text(path: str) -> dict[str, str]:
+    """The tEXt chunks of a PNG file (standard library only; Blender's images do not expose them)."""
+    import struct
+    import zlib
+
+    texts = {}
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return texts
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    break
+                length, kind = struct.unpack(">I4s", head)
+                data = f.read(length)
+                f.read(4)  # crc
+                if kind == b"tEXt" and b"\0" in data:
+                    key, value = data.split(b"\0", 1)
+                    texts[key.decode("latin-1")] = value.decode("latin-1")
+                elif kind == b"zTXt" and b"\0" in data:
+                    key, value = data.split(b"\0", 1)
+                    texts[key.decode("latin-1")] = zlib.decompress(value[1:]).decode("latin-1")
+                elif kind in (b"IDAT", b"IEND"):  # text chunks come before the pixels here
+                    break
+    except OSError:
+        pass
+    return texts
+
+
+def photo_framing(reference_path: str) -> dict | None:
+    """{"box": [x0, y0, x1, y1], "size": [W, H]}: the square of the photo (pixels, y down) that the engine's
+    reference view shows; None when the engine did not record it."""
+    text = png_text(reference_path).get("realfusion:framing") if reference_path else None
+    try:
+        framing = json.loads(text) if text else None
+        box, size = [float(v) for v in framing["box"]], [int(v) for v in framing["size"]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if len(box) != 4 or len(size) != 2 or box[2] <= box[0] or min(size) <= 0:
+        return None
+    return {"box": box, "size": size}
+
+
+def photo_view(spec: CameraSpec, framing: dict) -> CameraSpec:
+    """The reference camera widened and shifted to frame the whole photo instead of the engine's square.
+
+    The reference view is the square `box` of the photo; the photo is W x H of those pixels. Same lens and
+    pose, a sensor as many times larger as the photo is than the box, and a shift that moves the frame's
+    center from the box's center to the photo's (shift is in units of the frame's larger side)."""
+    x0, y0, x1, _ = framing["box"]
+    width, height = framing["size"]
+    side = x1 - x0
+    square = spec.sensor_height if spec.sensor_fit == 'VERTICAL' and spec.sensor_height else spec.sensor_width
+    longest = max(width, height)
+    offset_x = width / 2 - (x0 + side / 2)  # photo center - box center, photo pixels, y down
+    offset_y = height / 2 - (y0 + side / 2)
+    return CameraSpec(matrix_world=spec.matrix_world, lens=spec.lens, sensor_width=square * longest / side,
+                      sensor_height=None, sensor_fit='AUTO', width=width, height=height,
+                      clip_start=spec.clip_start, clip_end=spec.clip_end,
+                      shift_x=(offset_x + spec.shift_x * side) / longest,
+                      shift_y=(-offset_y + spec.shift_y * side) / longest)
+
+
+# ---------------------------------------------------------------------------------------- a clear view
+
+def find_occluders(scene, camera, meshes, samples: int = 16) -> list:
+    """Other visible objects that stand between the camera and the mesh on some ray of a samples x samples
+    grid through the frame (Scene.ray_cast sets up its search anew each call: a coarse grid keeps a heavy
+    scene's import quick; an object small enough to slip between its rays hides little of the mesh)."""
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    ours = {ob.name for ob in meshes}
+    frame = camera.data.view_frame(scene=scene)
+    top_right, bottom_right, bottom_left, top_left = frame
+    origin = camera.matrix_world.translation.copy()
+    found = {}
+    for j in range(samples):
+        v = (j + 0.5) / samples
+        for i in range(samples):
+            u = (i + 0.5) / samples
+            local = top_left.lerp(top_right, u).lerp(bottom_left.lerp(bottom_right, u), v)
+            direction = (camera.matrix_world @ local - origin).normalized()
+            start, in_front = origin.copy(), []
+            for _ in range(16):  # walk along the ray through every surface until ours (or nothing)
+                hit, location, _normal, _index, ob, _matrix = scene.ray_cast(depsgraph, start, direction)
+                if not hit:
+                    in_front = []
+                    break
+                original = ob.original if hasattr(ob, "original") else ob
+                if original.name in ours:
+                    break
+                in_front.append(original)
+                start = location + direction * 1e-4
+            for ob in in_front:
+                found[ob.name] = ob
+    return list(found.values())
+
+
+def hide_occluders(scene, camera, meshes) -> list[str]:
+    """Hide (viewport and render) what stands in front of the mesh; the names, for the panel."""
+    hidden = []
+    for ob in find_occluders(scene, camera, meshes):
+        ob.hide_set(True)
+        ob.hide_render = True
+        hidden.append(ob.name)
+    return sorted(hidden)
+
+
 def load_image(path: str, name: str | None = None):
     image = bpy.data.images.load(path, check_existing=True)
     if name:
@@ -198,11 +318,14 @@ def load_image(path: str, name: str | None = None):
 
 
 def import_result(context, glb_path: str, camera_path: str = "", *, name: str = "RealFusion",
-                  background=None) -> dict:
+                  background=None, framing: dict | None = None, clear_view: bool = True) -> dict:
     """Import the GLB into a new collection named `name`, tidy it, select it and add the camera.
 
-    background: an Image for the camera's background (the reference view or the photo), or None.
-    Returns {"collection", "meshes", "camera"}. Raises ImportProblem and leaves the scene as it was.
+    background: an Image for the camera's background (the photo, or the reference view), or None.
+    framing: where the reference view lies in the photo (photo_framing); given, the camera frames the
+    whole photo (photo_view), else the engine's square reference view.
+    clear_view: hide the objects that stand between the new camera and the mesh.
+    Returns {"collection", "meshes", "camera", "hidden"}. Raises ImportProblem and leaves the scene as it was.
     """
     if not glb_path or not os.path.isfile(glb_path):
         raise ImportProblem(f"The mesh {glb_path or 'mesh.glb'} is missing.",
@@ -217,12 +340,19 @@ def import_result(context, glb_path: str, camera_path: str = "", *, name: str = 
     except AttributeError as exc:  # the glTF add-on is disabled
         raise ImportProblem(f"Blender's glTF importer is not available ({exc}).",
                             "Enable the add-on \"glTF 2.0 format\" in Preferences > Add-ons.") from exc
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - the importer's own bugs (e.g. with a newer numpy) surface here
         result = {'CANCELLED'}
+        cause = _last_line(exc)
         print(f"RealFusion: glTF import of {glb_path} failed: {exc}")
+    else:
+        cause = ""
     new_objects = [ob for ob in bpy.data.objects if ob not in before]
     if 'FINISHED' not in result or not any(ob.type == 'MESH' for ob in new_objects):
         _remove_objects(new_objects)
+        if cause:
+            raise ImportProblem(f"Blender's glTF importer could not read {os.path.basename(glb_path)}: {cause}",
+                                "If that names Blender's own code (its glTF add-on), update Blender and press "
+                                "Import again; if the file is damaged, press Fetch Result to download it again.")
         raise ImportProblem(f"Blender's glTF importer could not read a mesh from {glb_path}.",
                             "Fetch the result again (or export it again with `realfusion export`); the engine's "
                             "log says more if it keeps happening.")
@@ -258,13 +388,31 @@ def import_result(context, glb_path: str, camera_path: str = "", *, name: str = 
     camera = None
     if spec is not None:
         _remove_objects(glb_cameras)
+        if framing is not None:
+            spec = photo_view(spec, framing)
         camera = setup_camera(scene, collection, spec, f"{name} Camera", background)
     elif glb_cameras:  # no camera.json: the GLB's own camera is the reference view
         camera = glb_cameras[0]
         camera.name = f"{name} Camera"
         scene.camera = camera
+    hidden = []
+    if camera is not None and clear_view:
+        view_layer.update()
+        hidden = hide_occluders(scene, camera, meshes)
     frame_selected(context)
-    return {"collection": collection, "meshes": meshes, "camera": camera}
+    return {"collection": collection, "meshes": meshes, "camera": camera, "hidden": hidden}
+
+
+def _last_line(exc: BaseException) -> str:
+    """The innermost cause of an error, one line: Blender's operator errors carry a whole Python traceback
+    ("Error: Python: Traceback ...", then "AttributeError: ...", then "Location: ..."); its last
+    "SomethingError: ..." line says what went wrong."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    if causes:
+        return causes[-1]
+    lines = [line for line in lines if not line.startswith("Location:")]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _remove_objects(objects) -> None:

@@ -74,8 +74,11 @@ class EtaEstimator:
         self.clock = clock
         self.start: tuple[float, float] | None = None
 
-    def __call__(self, state: str, progress: float | None) -> float | None:
-        if state != "running" or progress is None:
+    # Stages whose time says nothing about the rest: loading the model, and the first steps after it
+    WARMUP_STAGES = ("", "matting", "prior")
+
+    def __call__(self, state: str, progress: float | None, stage: str = "fit") -> float | None:
+        if state != "running" or progress is None or stage in self.WARMUP_STAGES:
             return None
         now = self.clock()
         if self.start is None:
@@ -174,7 +177,7 @@ class JobWorker(threading.Thread):
                 self._sleep()
                 continue
             state = str(job.get("state", ""))
-            extra = {"eta": self.eta(state, job.get("progress"))}
+            extra = {"eta": self.eta(state, job.get("progress"), str(job.get("stage") or ""))}
             preview = job.get("preview")
             moved = (job.get("stage"), job.get("step")) != last_preview[0]
             due = time.monotonic() - last_preview[1] >= PREVIEW_EVERY_S

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -18,7 +19,7 @@ import uuid
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import engine_process, importer, preferences
+from . import engine_process, importer, messages, preferences, previews, records
 from .client import EngineError
 from .jobs import ACTIVE_STATES, WORKERS, JobWorker
 
@@ -129,6 +130,45 @@ def output_root(context) -> str:
     return bpy.path.abspath(folder or "//realfusion")
 
 
+def relocate_results(blend_path: str) -> list[str]:
+    """Once the file is saved, move the results of its jobs out of the temporary folder next to it
+    (Output Folder), and point the jobs and images at them there. Returns the new folders."""
+    if not blend_path:
+        return []
+    prefs = preferences.get()
+    folder = prefs.output_dir if prefs is not None else "//realfusion"
+    if not folder.startswith("//"):
+        return []
+    relative = folder[2:].strip("/\\") or "realfusion"
+    root = os.path.join(os.path.dirname(blend_path), relative)
+    temp = os.path.join(tempfile.gettempdir(), relative, "")  # where output_root put them while unsaved
+    moved = []
+    for scene in bpy.data.scenes:
+        for job in scene.realfusion.jobs:
+            old = bpy.path.abspath(job.folder)
+            worker = WORKERS.get(job.key)
+            if not old.startswith(temp) or (worker is not None and worker.is_alive()):
+                continue  # a job still downloading moves at a later save
+            new = os.path.join(root, os.path.basename(old.rstrip("/\\")))
+            if os.path.normpath(new) == os.path.normpath(old):
+                continue
+            if os.path.isdir(old):
+                os.makedirs(root, exist_ok=True)
+                shutil.copytree(old, new, dirs_exist_ok=True)
+                shutil.rmtree(old, ignore_errors=True)
+            job.folder = new
+            for name in ("glb_path", "camera_path", "reference_path", "turntable_path"):
+                path = getattr(job, name)
+                if path and bpy.path.abspath(path).startswith(old):
+                    setattr(job, name, os.path.join(new, os.path.relpath(bpy.path.abspath(path), old)))
+            for image in bpy.data.images:
+                if image.filepath and bpy.path.abspath(image.filepath).startswith(old):
+                    image.filepath = os.path.join(new, os.path.relpath(bpy.path.abspath(image.filepath), old))
+            records.remember(scene, job)
+            moved.append(new)
+    return moved
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "photo"
 
@@ -138,6 +178,11 @@ def advanced_overrides(settings) -> list[str]:
     overrides = []
     if settings.steps:
         overrides.append(f"fit.iterations={settings.steps}")
+    if settings.ti_steps:
+        overrides.append(f"textual_inversion.steps={settings.ti_steps}")
+    if settings.render_size:
+        overrides += [f"render.ref_resolution={settings.render_size}",
+                      f"render.random_resolution={settings.render_size}"]
     if settings.mesh_resolution:
         overrides.append(f"export.resolution={settings.mesh_resolution}")
     if settings.texture_size:
@@ -167,15 +212,20 @@ def start_job(context, image_name: str = "", extra_overrides: list[str] | None =
     job.key, job.name, job.state, job.preset, job.seed = key, photo.name, "submitting", preset, settings.seed
     job.image_name = photo.image.name if photo.image is not None else ""
     job.image_path = photo.path
+    job.photo_filename = photo.filename
     job.folder = folder
     job.message = "Sending the photo to the engine"
     settings.active_job = len(settings.jobs) - 1
     settings.set_error()
+    records.remember(scene, job)
 
     submission = {"image_png": photo.data, "filename": photo.filename, "preset": preset,
                   "method": settings.method, "seed": settings.seed,
                   "model": (prefs.model if prefs is not None else "") or None,
                   "overrides": advanced_overrides(settings) + list(extra_overrides or [])}
+    initializer = settings.initializer.strip()
+    if initializer:
+        submission["initializer"] = initializer
     worker = JobWorker(preferences.make_client(context), key, folder, submission=submission,
                        poll_interval=_poll_interval(context))
     WORKERS[key] = worker
@@ -195,7 +245,9 @@ def follow_job(context, key: str, resume: bool = False) -> JobWorker:
     if worker is not None and worker.is_alive():
         return worker
     job.error_problem = job.error_fix = job.error_kind = ""
+    job.cancel_requested = False
     job.state, job.message = "checking", "Asking the engine"
+    records.remember(found[0], job)
     worker = JobWorker(preferences.make_client(context), key, bpy.path.abspath(job.folder), job_id=job.job_id,
                        resume=resume, poll_interval=_poll_interval(context))
     WORKERS[key] = worker
@@ -214,33 +266,15 @@ def find_job(key: str):
 
 # ---------------------------------------------------------------------------------------- per tick
 
-PREVIEW_PREFIX = "RealFusion Preview "
-
-
-def _load_preview(job, path: str) -> None:
-    image = job.preview
-    if image is None:
-        image = bpy.data.images.load(path, check_existing=False)
-        image.name = PREVIEW_PREFIX + job.name
-        job.preview = image
-    else:
-        image.filepath = path
-        image.reload()
-    try:
-        image.preview_ensure()
-        image.preview.reload()
-    except (AttributeError, RuntimeError):  # no previews in background mode
-        pass
-
-
 def apply_update(scene, update):
     """Write one Update from the worker into the scene's job list (main thread). Returns the job, or None."""
     settings = scene.realfusion
     job = settings.job(update.key)
     if job is None:
         return None
+    error = messages.for_user(update.error, job.photo_filename or job.name)
     if update.submit_failed:  # the job never reached the engine: the error goes to the panel, the entry away
-        error = update.error or {}
+        error = error or {}
         settings.set_error(error.get("problem", ""), error.get("fix", ""), error.get("kind", ""))
         remove_job(settings, update.key)
         return None
@@ -252,7 +286,7 @@ def apply_update(scene, update):
         job.stage = update.stage
     job.step, job.total = update.step, update.total
     if update.message:
-        job.message = update.message
+        job.message = messages.for_user({"problem": update.message}, job.photo_filename or job.name)["problem"]
     if update.progress is not None:
         job.progress = min(max(update.progress, 0.0), 1.0)
     if update.state == "done":
@@ -262,26 +296,28 @@ def apply_update(scene, update):
     elif update.state != "running":
         job.eta = -1.0
     job.queue_position = -1 if update.queue_position is None else int(update.queue_position)
-    if update.error:
-        job.error_problem = update.error.get("problem", "")
-        job.error_fix = update.error.get("fix", "")
-        job.error_kind = update.error.get("kind", "engine")
+    if error:
+        job.error_problem, job.error_fix, job.error_kind = error["problem"], error["fix"], error["kind"]
     elif update.state in ("queued", "running", "done"):
         job.error_problem = job.error_fix = job.error_kind = ""
+    if update.state not in ("", "submitting", "checking", "queued", "running"):
+        job.cancel_requested = False
     if update.preview_path:
-        _load_preview(job, update.preview_path)
+        previews.show(job.key, update.preview_path)  # main thread, read at once: see previews.py
     if update.files:
         job.glb_path = update.files.get("mesh.glb", "")
         job.camera_path = update.files.get("camera.json", "")
         job.reference_path = update.files.get("reference.png", "")
+        job.turntable_path = update.files.get("turntable.png", "")
+    records.remember(scene, job)
     return job
 
 
 def remove_job(settings, key: str) -> None:
     for index, job in enumerate(settings.jobs):
         if job.key == key:
-            if job.preview is not None and job.preview.users <= 1:
-                bpy.data.images.remove(job.preview)
+            previews.forget(key)
+            records.forget(key)
             settings.jobs.remove(index)
             settings.active_job = min(settings.active_job, max(len(settings.jobs) - 1, 0))
             return
@@ -330,7 +366,9 @@ def poll_job_once(context, key: str) -> str | None:
         if scene != context.scene:
             return "done"
         try:
-            bpy.ops.realfusion.import_result(key=key)  # one undo step for all of it
+            # undo=True: an operator called from Python pushes no undo step unless asked; this makes
+            # the import one step of its own, which Ctrl+Z takes back (the job stays: records.py)
+            bpy.ops.realfusion.import_result('EXEC_DEFAULT', True, key=key)
         except RuntimeError:  # its error report (raised only in background mode); the job keeps the error
             pass
         return "imported" if job.imported else "done"
@@ -340,8 +378,9 @@ def poll_job_once(context, key: str) -> str | None:
 # ---------------------------------------------------------------------------------------- operators
 
 def _report_error(operator, settings, exc: EngineError) -> None:
-    settings.set_error(exc.problem, exc.fix, exc.kind)
-    operator.report({'ERROR'}, f"RealFusion: {exc.problem} {exc.fix}")
+    error = messages.for_user(exc.as_dict())
+    settings.set_error(error["problem"], error["fix"], error["kind"])
+    operator.report({'ERROR'}, f"RealFusion: {error['problem']} {error['fix']}")
 
 
 class REALFUSION_OT_reconstruct(bpy.types.Operator):
@@ -384,9 +423,7 @@ class REALFUSION_OT_reconstruct(bpy.types.Operator):
 
     def modal(self, context, event):
         if event.type == 'ESC' and event.value == 'PRESS':
-            worker = WORKERS.get(self._key)
-            if worker is not None:
-                worker.cancel()
+            if request_cancel(self._key):
                 self.report({'INFO'}, "RealFusion: cancelling the reconstruction")
             return {'PASS_THROUGH'}
         if event.type != 'TIMER':
@@ -397,8 +434,7 @@ class REALFUSION_OT_reconstruct(bpy.types.Operator):
         self._end(context)
         found = find_job(self._key)
         job = found[1] if found else None
-        if outcome == "imported":
-            self.report({'INFO'}, f"RealFusion: imported {job.collection_name if job else 'the result'}")
+        if outcome == "imported":  # import_result said so
             return {'FINISHED'}
         if outcome == "gone":
             settings = context.scene.realfusion
@@ -435,32 +471,60 @@ class REALFUSION_OT_import_result(bpy.types.Operator):
         if job is None or not job.glb_path:
             self.report({'ERROR'}, "RealFusion: this job has no downloaded result; press Fetch Result first")
             return {'CANCELLED'}
-        background = None
-        if settings.use_background:
-            background = _background_image(job)
+        background, framing = (_background(job) if settings.use_background else (None, _framing_for(job)))
         try:
             result = importer.import_result(context, bpy.path.abspath(job.glb_path),
                                             bpy.path.abspath(job.camera_path), name=job.name,
-                                            background=background)
+                                            background=background, framing=framing)
         except importer.ImportProblem as exc:
             job.error_problem, job.error_fix, job.error_kind = exc.problem, exc.fix, "import"
+            records.remember(context.scene, job)
             self.report({'ERROR'}, f"RealFusion: {exc.problem} {exc.fix}")
             return {'CANCELLED'}
         job.imported = True
         job.collection_name = result["collection"].name
+        job.camera_name = result["camera"].name if result["camera"] is not None else ""
+        job.hidden = ", ".join(result["hidden"])
         job.error_problem = job.error_fix = job.error_kind = ""
+        records.remember(context.scene, job)
+        note = f"; hid {job.hidden} (in front of the result; Alt+H shows it again)" if job.hidden else ""
+        self.report({'INFO'}, f"RealFusion: imported {job.collection_name}{note}")
         return {'FINISHED'}
 
 
-def _background_image(job):
-    """The reference view the engine framed (it matches the camera exactly), else the photo."""
-    if job.reference_path and os.path.isfile(bpy.path.abspath(job.reference_path)):
-        return importer.load_image(bpy.path.abspath(job.reference_path), f"{job.name} Reference")
+def _photo_image(job):
+    """The user's own photo as an Image: the datablock it came from, else its file."""
     if job.image_name and job.image_name in bpy.data.images:
         return bpy.data.images[job.image_name]
     if job.image_path and os.path.isfile(bpy.path.abspath(job.image_path)):
         return importer.load_image(bpy.path.abspath(job.image_path))
     return None
+
+
+def _framing_for(job, photo=None):
+    """Where the engine's square reference view lies in the user's photo, if that photo is the one it framed."""
+    framing = importer.photo_framing(bpy.path.abspath(job.reference_path)) if job.reference_path else None
+    if framing is None or photo is None:
+        return framing if photo is None else None
+    if tuple(photo.size) != tuple(framing["size"]):  # e.g. an EXIF-rotated JPEG: Blender shows it unrotated
+        return None
+    return framing
+
+
+def _background(job):
+    """(image, framing): the user's photo with the camera widened to it, else the engine's reference view
+    (it matches the square camera exactly), else nothing. A background from a temporary folder is packed
+    into the .blend, so it outlives that folder."""
+    photo = _photo_image(job)
+    framing = _framing_for(job, photo) if photo is not None else None
+    if photo is not None and framing is not None:
+        return photo, framing
+    if job.reference_path and os.path.isfile(bpy.path.abspath(job.reference_path)):
+        image = importer.load_image(bpy.path.abspath(job.reference_path), f"{job.name} Reference")
+        if bpy.path.abspath(job.reference_path).startswith(tempfile.gettempdir()) and image.packed_file is None:
+            image.pack()
+        return image, None
+    return photo, None
 
 
 class REALFUSION_OT_cancel(bpy.types.Operator):
@@ -481,10 +545,25 @@ class REALFUSION_OT_cancel(bpy.types.Operator):
             result = bpy.ops.realfusion.reconstruct('EXEC_DEFAULT', follow=self.key)
             if 'CANCELLED' in result:
                 return {'CANCELLED'}
-            worker = WORKERS.get(self.key)
-        if worker is not None:
-            worker.cancel()
+        request_cancel(self.key)
         return {'FINISHED'}
+
+
+def request_cancel(key: str) -> bool:
+    """Ask the worker to cancel and say so in the panel at once (the engine stops at its next step)."""
+    worker = WORKERS.get(key)
+    if worker is None:
+        return False
+    worker.cancel()
+    found = find_job(key)
+    if found is not None:
+        scene, job = found
+        job.cancel_requested = True
+        job.eta = -1.0
+        job.message = "Cancelling: the engine stops at the end of its current step"
+        records.remember(scene, job)
+        tag_redraw()
+    return True
 
 
 class REALFUSION_OT_follow(bpy.types.Operator):
@@ -513,7 +592,7 @@ class REALFUSION_OT_remove_job(bpy.types.Operator):
 
     bl_idname = "realfusion.remove_job"
     bl_label = "Remove Job"
-    bl_options = {'INTERNAL', 'UNDO'}
+    bl_options = {'INTERNAL'}  # no undo step: the job list is kept outside undo (records.py)
 
     key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
 
@@ -548,11 +627,11 @@ class REALFUSION_OT_engine_status(bpy.types.Operator):
         engine_process.HEALTH.refresh(client)
         health = engine_process.HEALTH
         if health.error is not None:
-            context.scene.realfusion.set_error(health.error.problem, health.error.fix, health.error.kind)
-            self.report({'ERROR'}, f"RealFusion: {health.error.problem} {health.error.fix}")
+            _report_error(self, context.scene.realfusion, health.error)
             return {'CANCELLED'}
         context.scene.realfusion.set_error()
-        self.report({'INFO'}, f"RealFusion: {health.summary()} at {client.base_url}")
+        version = (health.info or {}).get("version", "?")
+        self.report({'INFO'}, f"RealFusion: {health.summary()} (version {version}) at {client.base_url}")
         return {'FINISHED'}
 
 
@@ -614,6 +693,103 @@ class REALFUSION_OT_engine_stop(bpy.types.Operator):
         return {'FINISHED'}
 
 
+def _done_job(operator, context, key: str):
+    job = context.scene.realfusion.job(key)
+    if job is None or not job.imported or job.collection_name not in bpy.data.collections:
+        operator.report({'ERROR'}, "RealFusion: this result is not in the scene any more; press Import")
+        return None
+    return job
+
+
+class REALFUSION_OT_view_camera(bpy.types.Operator):
+    """Look through the result's camera (your photo behind the mesh)"""
+
+    bl_idname = "realfusion.view_camera"
+    bl_label = "View Through Camera"
+    bl_options = {'INTERNAL'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        job = _done_job(self, context, self.key)
+        camera = bpy.data.objects.get(job.camera_name) if job is not None else None
+        if camera is None:
+            return {'CANCELLED'}
+        context.scene.camera = camera
+        for area in (context.screen.areas if context.screen is not None else ()):
+            if area.type == 'VIEW_3D':
+                area.spaces.active.region_3d.view_perspective = 'CAMERA'
+                area.tag_redraw()
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_select_result(bpy.types.Operator):
+    """Select the result's mesh, make it active and frame it"""
+
+    bl_idname = "realfusion.select_result"
+    bl_label = "Select Result"
+    bl_options = {'INTERNAL', 'UNDO'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        job = _done_job(self, context, self.key)
+        if job is None:
+            return {'CANCELLED'}
+        meshes = [ob for ob in bpy.data.collections[job.collection_name].objects if ob.type == 'MESH']
+        for ob in context.view_layer.objects:
+            ob.select_set(False)
+        for ob in meshes:
+            ob.select_set(True)
+        if meshes:
+            context.view_layer.objects.active = meshes[0]
+        importer.frame_selected(context)
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_open_folder(bpy.types.Operator):
+    """Open the folder with the result's files (mesh.glb, camera.json, turntable.png)"""
+
+    bl_idname = "realfusion.open_folder"
+    bl_label = "Open Folder"
+    bl_options = {'INTERNAL'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        found = find_job(self.key)
+        folder = bpy.path.abspath(found[1].folder) if found else ""
+        if not folder or not os.path.isdir(folder):
+            self.report({'ERROR'}, f"RealFusion: the folder {folder or '(none)'} is gone")
+            return {'CANCELLED'}
+        bpy.ops.wm.path_open(filepath=folder)
+        return {'FINISHED'}
+
+
+class REALFUSION_OT_turntable(bpy.types.Operator):
+    """Show the engine's turntable (the result seen from all around) in an Image Editor"""
+
+    bl_idname = "realfusion.turntable"
+    bl_label = "Turntable"
+    bl_options = {'INTERNAL'}
+
+    key: StringProperty(options={'HIDDEN', 'SKIP_SAVE'})
+
+    def execute(self, context):
+        found = find_job(self.key)
+        path = bpy.path.abspath(found[1].turntable_path) if found and found[1].turntable_path else ""
+        if not path or not os.path.isfile(path):
+            self.report({'ERROR'}, "RealFusion: the engine made no turntable for this job")
+            return {'CANCELLED'}
+        image = importer.load_image(path)
+        editors = [a for a in (context.screen.areas if context.screen else ()) if a.type == 'IMAGE_EDITOR']
+        if editors:
+            editors[0].spaces.active.image = image
+        else:
+            bpy.ops.wm.path_open(filepath=path)  # no Image Editor open: the system's viewer
+        return {'FINISHED'}
+
+
 class REALFUSION_OT_open_preferences(bpy.types.Operator):
     """Open the RealFusion add-on's preferences"""
 
@@ -638,6 +814,10 @@ classes = (
     REALFUSION_OT_engine_status,
     REALFUSION_OT_engine_start,
     REALFUSION_OT_engine_stop,
+    REALFUSION_OT_view_camera,
+    REALFUSION_OT_select_result,
+    REALFUSION_OT_open_folder,
+    REALFUSION_OT_turntable,
     REALFUSION_OT_open_preferences,
 )
 

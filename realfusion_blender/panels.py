@@ -7,7 +7,7 @@ import textwrap
 
 import bpy
 
-from . import engine_process, preferences
+from . import engine_process, messages, preferences, previews
 from .jobs import ACTIVE_STATES, WORKERS
 
 STATE_ICONS = {
@@ -21,7 +21,12 @@ STATE_ICONS = {
     "interrupted": 'PAUSE',
     "unreachable": 'UNLINKED',
 }
-RESUMABLE = ("interrupted", "cancelled", "failed")  # the engine goes on from the last checkpoint
+HAS_PROGRESS = "progress" in bpy.types.UILayout.bl_rna.functions  # UILayout.progress: Blender 4.0+
+# Measured in Blender's sidebar (tests/test_blender_gui.py's screenshots): the UI font averages about 5.6 px a
+# character at scale 1; a label loses ~36 px to the panel's margins, one inside an error box with an icon ~100.
+CHAR_WIDTH = 6.0
+LABEL_MARGIN = 36
+BOX_MARGIN = 100
 
 
 def format_eta(seconds: float) -> str:
@@ -34,9 +39,16 @@ def format_eta(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h left"
 
 
+def following(job) -> bool:
+    worker = WORKERS.get(job.key)
+    return worker is not None and worker.is_alive()
+
+
 def state_text(job) -> str:
     if job.imported:
         return "Imported"
+    if job.cancel_requested and job.state in ACTIVE_STATES:
+        return "Cancelling"
     if job.state == "running":
         return f"{round(job.progress * 100)}%"
     if job.state == "queued" and job.queue_position > 0:
@@ -44,19 +56,30 @@ def state_text(job) -> str:
     return job.state.capitalize()
 
 
+def stage_text(job) -> str:
+    """What the engine is doing, in words; the first token step is slow and reported only when it ends."""
+    if job.stage == "prior":
+        return "Loading the model, then the first token step"
+    label = messages.stage_label(job.stage)
+    return label + (f" {job.step}/{job.total}" if job.total and job.stage != "done" else "")
+
+
 def progress_text(job) -> str:
-    parts = [job.message or job.stage or job.state.capitalize(), f"{round(job.progress * 100)}%"]
-    eta = format_eta(job.eta) if job.state == "running" else ""
-    if eta:
-        parts.append(eta)
+    parts = [f"{round(job.progress * 100)}%"]
+    if job.state == "running" and following(job) and not job.cancel_requested:  # a stale ETA says nothing
+        eta = format_eta(job.eta)
+        if eta:
+            parts.append(eta)
     return " · ".join(parts)
 
 
-def wrapped_labels(layout, text: str, context=None, icon='NONE') -> None:
-    """A long message as several labels, wrapped to the sidebar's width."""
+def wrapped_labels(layout, text: str, context=None, icon='NONE', boxed: bool = False) -> None:
+    """A long message as several labels, wrapped to the sidebar's width (font and margins scaled)."""
     region = getattr(context, "region", None) if context is not None else None
     width = getattr(region, "width", 0) or 280
-    chars = max(20, int(width / 7))
+    prefs = getattr(context, "preferences", None) if context is not None else None
+    scale = getattr(getattr(prefs, "system", None), "ui_scale", 1.0) or 1.0
+    chars = max(16, int((width - (BOX_MARGIN if boxed else LABEL_MARGIN) * scale) / (CHAR_WIDTH * scale)))
     for index, line in enumerate(textwrap.wrap(text, chars) or [""]):
         layout.label(text=line, icon=icon if index == 0 else 'BLANK1' if icon != 'NONE' else 'NONE')
 
@@ -65,10 +88,10 @@ def draw_error(layout, context, problem: str, fix: str, kind: str, dismiss: bool
     box = layout.box()
     box.alert = True
     col = box.column(align=True)
-    wrapped_labels(col, problem, context, icon='ERROR')
+    wrapped_labels(col, problem, context, icon='ERROR', boxed=True)
     if fix:
         col.separator()
-        wrapped_labels(col, fix, context, icon='INFO')
+        wrapped_labels(col, fix, context, icon='INFO', boxed=True)
     if kind == "offline":
         row = box.row(align=True)
         prefs = preferences.get(context)
@@ -77,7 +100,7 @@ def draw_error(layout, context, problem: str, fix: str, kind: str, dismiss: bool
         else:
             row.operator("realfusion.open_preferences", icon='PREFERENCES')
         row.operator("realfusion.engine_status", text="Retry", icon='FILE_REFRESH')
-    elif kind == "auth":
+    elif kind in ("auth", "model"):
         box.operator("realfusion.open_preferences", icon='PREFERENCES')
     if dismiss:
         box.operator("realfusion.dismiss_error", icon='X')
@@ -93,6 +116,7 @@ def draw_engine(layout, context) -> None:
         if prefs is not None and prefs.engine_python:
             row.operator("realfusion.engine_start", text="", icon='PLAY')
     row.operator("realfusion.engine_status", text="", icon='FILE_REFRESH')
+    row.operator("realfusion.open_preferences", text="", icon='PREFERENCES')
 
 
 def draw_photo(layout, settings) -> None:
@@ -105,40 +129,71 @@ def draw_photo(layout, settings) -> None:
         layout.prop(settings, "filepath", text="")
 
 
-def draw_options(layout, settings) -> None:
-    col = layout.column()
-    col.use_property_split = True
-    col.use_property_decorate = False
-    col.prop(settings, "preset")
-    col.prop(settings, "method")
-    col.prop(settings, "seed")
+def _labelled(layout, settings, name: str, label: str) -> None:
+    """Label and field side by side, the label a third of the width (property split truncates them)."""
+    split = layout.split(factor=0.34, align=True)
+    split.label(text=label)
+    split.prop(settings, name, text="")
+
+
+def default_preset(context) -> str:
+    prefs = preferences.get(context)
+    return prefs.default_preset if prefs is not None else "standard"
+
+
+def draw_options(layout, settings, context=None) -> None:
+    col = layout.column(align=True)
+    _labelled(col, settings, "preset", "Preset")
+    if settings.preset == "DEFAULT":
+        name = default_preset(context).capitalize()
+        row = col.split(factor=0.34)
+        row.label(text="")
+        row.label(text=f"= {name}")  # the preferences' Default Preset
+    _labelled(col, settings, "method", "Method")
+    _labelled(col, settings, "seed", "Seed")
+    _labelled(col, settings, "initializer", "Object")
 
 
 def draw_job(layout, context, job) -> None:
     """The selected job: progress, stage, live preview, and what can be done with it."""
     col = layout.column()
     col.label(text=job.name, icon=STATE_ICONS.get(job.state, 'QUESTION'))
-    if job.state in ACTIVE_STATES or job.state == "done":
-        col.progress(factor=job.progress, type='BAR', text=progress_text(job))
-    elif job.message:
+    active = job.state in ACTIVE_STATES
+    if active or job.state == "done":
+        text = progress_text(job)
+        if HAS_PROGRESS:
+            col.progress(factor=job.progress, type='BAR', text=text)
+        else:  # Blender 3.6: no progress widget, the numbers as a label
+            col.label(text=text, icon='TIME')
+    if active and job.cancel_requested:
+        wrapped_labels(col, job.message, context, icon='CANCEL')
+    elif job.state == "running" and job.stage:
+        wrapped_labels(col, stage_text(job), context)
+    elif active and job.message:
         wrapped_labels(col, job.message, context)
-    if job.state == "running" and job.stage:
-        col.label(text=f"Stage: {job.stage}" + (f" ({job.step}/{job.total})" if job.total else ""))
-    if job.preview is not None:
-        col.template_icon(icon_value=layout.icon(job.preview), scale=8.0)
-    if job.error_problem:
+    if previews.size(job.key)[0]:
+        col.template_icon(icon_value=previews.icon_id(job.key), scale=8.0)
+    if job.error_problem:  # the problem and its fix, once (the job's message repeats the problem)
         draw_error(col, context, job.error_problem, job.error_fix, job.error_kind)
+    elif not active and job.message and job.state != "done":
+        wrapped_labels(col, job.message, context)
+    if job.hidden:
+        wrapped_labels(col, f"Hid {job.hidden}: in front of the result (Alt+H shows it)", context, icon='HIDE_ON')
 
     row = col.row(align=True)
-    following = job.key in WORKERS and WORKERS[job.key].is_alive()
-    if job.state in ACTIVE_STATES:
-        if not following and job.job_id:
+    is_followed = following(job)
+    if active:
+        if not is_followed and job.job_id:
             row.operator("realfusion.follow", icon='FILE_REFRESH').key = job.key
-        row.operator("realfusion.cancel", icon='CANCEL').key = job.key
-    elif job.job_id and (job.state == "unreachable" or job.state == "failed" and job.error_kind != "engine"):
+        sub = row.row(align=True)
+        sub.enabled = not job.cancel_requested
+        sub.operator("realfusion.cancel", icon='CANCEL').key = job.key
+    elif job.job_id and (job.state == "unreachable"
+                         or job.state == "failed" and job.error_kind not in ("engine", "resource", "model",
+                                                                             "input", "auth")):
         # we lost track of it (engine gone, a download failed): ask the engine again
         row.operator("realfusion.follow", text="Check Again", icon='FILE_REFRESH').key = job.key
-    elif job.state in RESUMABLE and job.job_id:
+    elif job.job_id and messages.recoverable(job.state, job.error_kind):
         op = row.operator("realfusion.follow", text="Resume", icon='PLAY')
         op.key, op.resume = job.key, True
     elif job.state == "done" and not job.imported:
@@ -146,8 +201,16 @@ def draw_job(layout, context, job) -> None:
             row.operator("realfusion.import_result", text="Import", icon='IMPORT').key = job.key
         else:
             row.operator("realfusion.follow", icon='IMPORT').key = job.key
-    if not following:
+    if not is_followed:
         row.operator("realfusion.remove_job", text="", icon='X').key = job.key
+    if job.state == "done" and job.imported:
+        grid = col.grid_flow(row_major=True, columns=2, even_columns=True, align=True)
+        grid.operator("realfusion.view_camera", text="Camera", icon='VIEW_CAMERA').key = job.key
+        grid.operator("realfusion.select_result", text="Select", icon='RESTRICT_SELECT_OFF').key = job.key
+        grid.operator("realfusion.open_folder", text="Folder", icon='FILE_FOLDER').key = job.key
+        sub = grid.row(align=True)
+        sub.enabled = bool(job.turntable_path)
+        sub.operator("realfusion.turntable", text="Turntable", icon='FILE_MOVIE').key = job.key
 
 
 class REALFUSION_UL_jobs(bpy.types.UIList):
@@ -181,30 +244,46 @@ class RealFusionMainPanel(RealFusionPanelMixin):
             layout.template_icon(icon_value=layout.icon(image), scale=6.0)
         else:
             draw_photo(layout, settings)
-        draw_options(layout, settings)
-        row = layout.row()
-        row.scale_y = 1.5
-        op = row.operator("realfusion.reconstruct", icon='MESH_MONKEY')
-        if image is not None:
-            op.image_name = image.name
+        draw_options(layout, settings, context)
 
     def editor_image(self, context):
         return None
 
 
 class RealFusionAdvancedPanel(RealFusionPanelMixin):
+    """Drawn between the options and Reconstruct (sub-panels follow their parent's own content)."""
+
     bl_label = "Advanced"
     bl_options = {'DEFAULT_CLOSED'}
 
     def draw(self, context):
         settings = context.scene.realfusion
-        col = self.layout.column()
-        col.use_property_split = True
-        col.use_property_decorate = False
+        col = self.layout.column(align=True)
+        col.label(text="0: the preset's value")
+        col.prop(settings, "ti_steps")
         col.prop(settings, "steps")
+        col.prop(settings, "render_size")
         col.prop(settings, "mesh_resolution")
         col.prop(settings, "texture_size")
-        col.prop(settings, "use_background")
+        self.layout.prop(settings, "use_background")
+
+
+class RealFusionRunPanel(RealFusionPanelMixin):
+    """The Reconstruct button, after Advanced."""
+
+    bl_label = "Reconstruct"
+    bl_options = {'HIDE_HEADER'}
+
+    def draw(self, context):
+        row = self.layout.row()
+        row.scale_y = 1.5
+        op = row.operator("realfusion.reconstruct", icon='MESH_MONKEY')
+        image = self.editor_image(context)
+        if image is not None:
+            op.image_name = image.name
+
+    def editor_image(self, context):
+        return None
 
 
 class RealFusionJobsPanel(RealFusionPanelMixin):
@@ -230,6 +309,11 @@ class VIEW3D_PT_realfusion_advanced(RealFusionAdvancedPanel, bpy.types.Panel):
     bl_parent_id = "VIEW3D_PT_realfusion"
 
 
+class VIEW3D_PT_realfusion_run(RealFusionRunPanel, bpy.types.Panel):
+    bl_space_type = 'VIEW_3D'
+    bl_parent_id = "VIEW3D_PT_realfusion"
+
+
 class VIEW3D_PT_realfusion_jobs(RealFusionJobsPanel, bpy.types.Panel):
     bl_space_type = 'VIEW_3D'
     bl_parent_id = "VIEW3D_PT_realfusion"
@@ -250,6 +334,14 @@ class IMAGE_PT_realfusion_advanced(RealFusionAdvancedPanel, bpy.types.Panel):
     bl_parent_id = "IMAGE_PT_realfusion"
 
 
+class IMAGE_PT_realfusion_run(RealFusionRunPanel, bpy.types.Panel):
+    bl_space_type = 'IMAGE_EDITOR'
+    bl_parent_id = "IMAGE_PT_realfusion"
+
+    def editor_image(self, context):
+        return getattr(context.space_data, "image", None)
+
+
 class IMAGE_PT_realfusion_jobs(RealFusionJobsPanel, bpy.types.Panel):
     bl_space_type = 'IMAGE_EDITOR'
     bl_parent_id = "IMAGE_PT_realfusion"
@@ -259,9 +351,11 @@ classes = (
     REALFUSION_UL_jobs,
     VIEW3D_PT_realfusion,
     VIEW3D_PT_realfusion_advanced,
+    VIEW3D_PT_realfusion_run,
     VIEW3D_PT_realfusion_jobs,
     IMAGE_PT_realfusion,
     IMAGE_PT_realfusion_advanced,
+    IMAGE_PT_realfusion_run,
     IMAGE_PT_realfusion_jobs,
 )
 

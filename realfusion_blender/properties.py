@@ -3,6 +3,8 @@
 
 Jobs are saved with the file on purpose: when Blender closes mid-job the engine goes on,
 and the next time the file is opened the panel offers to follow the job again and import it.
+Scene data is undo-tracked, though, and adding a job is no undo step: `records.py` keeps a
+copy of every job outside of it and puts the list back after each undo and redo.
 """
 
 import bpy
@@ -40,14 +42,18 @@ class RealFusionJob(bpy.types.PropertyGroup):
     error_problem: StringProperty(name="Problem")
     error_fix: StringProperty(name="Fix")
     error_kind: StringProperty(name="Error Kind")
-    preview: PointerProperty(name="Preview", type=bpy.types.Image,
-                             description="The engine's latest view of the field")
+    photo_filename: StringProperty(name="Photo File", description="The photo's file name, as the user knows it")
+    cancel_requested: BoolProperty(name="Cancelling", description="Cancel was pressed; the engine stops soon")
     folder: StringProperty(name="Folder", subtype='DIR_PATH', description="Where the results are downloaded")
     glb_path: StringProperty(name="Mesh", subtype='FILE_PATH')
     camera_path: StringProperty(name="Camera", subtype='FILE_PATH')
     reference_path: StringProperty(name="Reference View", subtype='FILE_PATH')
+    turntable_path: StringProperty(name="Turntable", subtype='FILE_PATH')
     imported: BoolProperty(name="Imported")
     collection_name: StringProperty(name="Collection")
+    camera_name: StringProperty(name="Camera Object")
+    hidden: StringProperty(name="Hidden Objects",
+                           description="Objects hidden at import because they stood in front of the result")
 
 
 class RealFusionSettings(bpy.types.PropertyGroup):
@@ -63,14 +69,25 @@ class RealFusionSettings(bpy.types.PropertyGroup):
                          + PRESET_ITEMS, default="DEFAULT")
     method: EnumProperty(name="Method", items=METHOD_ITEMS, default="realfusion")
     seed: IntProperty(name="Seed", min=0, default=0, description="Same photo + seed + preset: same result")
-    show_advanced: BoolProperty(name="Advanced", default=False)
-    steps: IntProperty(name="Fit Steps", min=0, default=0, description="Field-fit iterations (0: the preset's)")
-    mesh_resolution: IntProperty(name="Mesh Resolution", min=0, max=1024, default=0,
-                                 description="Marching-cubes grid size (0: the engine's default)")
-    texture_size: IntProperty(name="Texture Size", min=0, max=8192, default=0,
+    initializer: StringProperty(
+        name="Object Name", default="",
+        description="One word naming the object (e.g. teddy, mug, chair): textual inversion starts from it. "
+                    "Empty: the engine's default word")
+    # Advanced: each 0 means "the preset's"; small values make a run short enough for a CPU
+    steps: IntProperty(name="Fit Steps", min=0, default=0,
+                       description="Field-fit iterations (0: the preset's)")
+    ti_steps: IntProperty(name="Token Steps", min=0, default=0,
+                          description="Textual-inversion steps that learn the object's token (0: the preset's)")
+    render_size: IntProperty(name="Render Size", min=0, max=1024, default=0,
+                             description="Size in pixels of the fit's renders of the reference and the random "
+                                         "views (0: the preset's; 32-64 for a CPU)")
+    mesh_resolution: IntProperty(name="Mesh Grid", min=0, max=1024, default=0,
+                                 description="Marching-cubes grid size of the mesh (0: the engine's default)")
+    texture_size: IntProperty(name="Texture", min=0, max=8192, default=0,
                               description="Baked texture width in pixels (0: the engine's default)")
-    use_background: BoolProperty(name="Photo as Camera Background", default=True,
-                                 description="Show the photo behind the mesh when looking through the new camera")
+    use_background: BoolProperty(name="Photo Behind Camera", default=True,
+                                 description="Show your photo behind the mesh when looking through the new camera "
+                                             "(placed so that it lines up with the mesh)")
     jobs: CollectionProperty(type=RealFusionJob)
     active_job: IntProperty(name="Active Job", default=0)
     # Errors that come before a job exists (no engine, unreadable photo)

@@ -25,7 +25,7 @@ from blender_runner import ROOT, run_blender_script
 CHECKS_SCRIPT = ROOT / "tests" / "blender" / "addon_checks.py"
 CHECKS = [node.name for node in ast.parse(CHECKS_SCRIPT.read_text()).body
           if isinstance(node, ast.FunctionDef) and node.name.startswith("check_")]
-MANIFEST = ROOT / "realfusion_blender" / "blender_manifest.toml"
+MANIFEST = ROOT / "blender_manifest.toml"  # the design card's place: the repository's top level
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,8 @@ def test_manifest_says_what_blender_and_the_issue_ask():
     assert not manifest["tagline"].endswith((".", "!", "?")) and len(manifest["tagline"]) <= 64
     assert manifest["permissions"] == {"network": "Talks to the local RealFusion engine",
                                        "files": "Reads the photo and writes the imported mesh"}
-    assert not (ROOT / "blender_manifest.toml").exists(), "one manifest only: realfusion_blender/ is the extension"
+    assert not (ROOT / "realfusion_blender" / "blender_manifest.toml").exists(), \
+        "one manifest only: the top-level one, which scripts/build_extension copies into the zip"
 
 
 def test_addon_imports_nothing_outside_the_standard_library():
@@ -99,6 +100,18 @@ def test_extension_builds_validates_and_installs(blender_python, tmp_path):
     names = zipfile.ZipFile(zip_path).namelist()
     assert "blender_manifest.toml" in names and "__init__.py" in names and "operators.py" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    addon = {p.name for p in (ROOT / "realfusion_blender").iterdir() if p.is_file() and p.suffix != ".pyc"}
+    assert set(names) == addon | {"blender_manifest.toml"}, set(names) ^ addon  # the add-on, nothing else
+    assert zipfile.ZipFile(zip_path).read("blender_manifest.toml") == MANIFEST.read_bytes()
+
+    # the legacy zip for Blender 3.6-4.1: the folder realfusion_blender/ with bl_info, no manifest
+    legacy = zipfile.ZipFile(tmp_path / f"realfusion-{version}-legacy.zip").namelist()
+    assert "realfusion_blender/__init__.py" in legacy and not [n for n in legacy if n.endswith(".toml")]
+    info = next(node for node in ast.parse((ROOT / "realfusion_blender" / "__init__.py").read_text()).body
+                if isinstance(node, ast.Assign) and node.targets[0].id == "bl_info")
+    bl_info = ast.literal_eval(info.value)
+    assert bl_info["blender"] == (3, 6, 0) and bl_info["name"] == "RealFusion"
+    assert ".".join(map(str, bl_info["version"])) == tomllib.loads(MANIFEST.read_text())["version"]
 
     user = tmp_path / "blender_user"
     installing = subprocess.run([str(blender_python), str(ROOT / "tests" / "blender" / "install_extension.py"),

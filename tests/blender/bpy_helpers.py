@@ -70,6 +70,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
 def drive(context, key: str, timeout: float = 60.0, interval: float = 0.05) -> tuple[str, list]:
     """What the modal operator's TIMER does, in a loop: poll_job_once until the job ends.
     Returns (outcome, snapshots of the job after each tick)."""
+    from realfusion_blender import previews
     from realfusion_blender.operators import find_job, poll_job_once
 
     deadline = time.monotonic() + timeout
@@ -80,7 +81,7 @@ def drive(context, key: str, timeout: float = 60.0, interval: float = 0.05) -> t
         if found:
             job = found[1]
             snapshots.append({"state": job.state, "progress": job.progress, "stage": job.stage,
-                              "preview": job.preview.name if job.preview else None, "eta": job.eta})
+                              "preview": previews.size(key)[0] > 0, "eta": job.eta})
         if outcome is not None:
             return outcome, snapshots
         time.sleep(interval)
@@ -226,6 +227,10 @@ class FakeLayout:
     def texts(self) -> str:
         return "\n".join(str(call.get("text", "")) for entry in self.log if entry[0] not in ("set",)
                          for call in [entry[1]] if isinstance(call, dict))
+
+    def flowing_text(self) -> str:
+        """texts() with wrapped lines joined again, for phrases that a wrap may split."""
+        return " ".join(self.texts().split())
 
     def operators(self) -> list[str]:
         return [call["operator"] for call in self.calls("operator")]

@@ -17,6 +17,25 @@ import bpy
 from bpy_helpers import drive, enable_addon, image_alpha_mask, iou, scene_state, silhouette
 
 
+def reference_silhouette(scene, camera_path: str, meshes, size: int = 64):
+    """The meshes seen through camera.json's camera as the engine framed it (square, no photo framing)."""
+    from realfusion_blender import importer
+
+    spec = importer.read_camera(camera_path)
+    collection = bpy.data.collections.new("reference view")
+    saved = (scene.camera, scene.render.resolution_x, scene.render.resolution_y)
+    try:
+        camera = importer.setup_camera(scene, collection, spec, "reference view")
+        return silhouette(scene, camera, meshes, size=size)
+    finally:
+        scene.camera = saved[0]
+        scene.render.resolution_x, scene.render.resolution_y = saved[1], saved[2]
+        data = camera.data
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(data)
+        bpy.data.collections.remove(collection)
+
+
 def main(url: str, photo: str, report_path: str, overrides_path: str, data_dir: str) -> int:
     with open(overrides_path) as f:
         overrides = json.load(f)
@@ -60,8 +79,12 @@ def main(url: str, photo: str, report_path: str, overrides_path: str, data_dir: 
         if mesh.active_material is not None and mesh.active_material.node_tree is not None:
             images = [n.image for n in mesh.active_material.node_tree.nodes if n.type == 'TEX_IMAGE' and n.image]
             texture = list(images[0].size) if images else None
-        mask = image_alpha_mask(job.reference_path, size=64)
+        # through the new camera, which frames the whole photo (the engine's framing of it, undone)...
+        mask = image_alpha_mask(photo, size=64)
         seen = silhouette(scene, camera, meshes, size=64)
+        # ...and through the engine's own square reference camera (camera.json as it is), to compare
+        # with the engine's view of its mesh
+        reference = reference_silhouette(scene, job.camera_path, meshes)
         report.update({
             "objects": sorted((ob.name, ob.type) for ob in collection.objects),
             "mesh_faces": len(mesh.data.polygons),
@@ -77,7 +100,9 @@ def main(url: str, photo: str, report_path: str, overrides_path: str, data_dir: 
             "mask_fraction": float(mask.mean()),
             "seen_fraction": float(seen.mean()),
             "iou": iou(mask, seen),
-            "silhouette": ["".join("1" if v else "0" for v in row) for row in seen],
+            "silhouette": ["".join("1" if v else "0" for v in row) for row in reference],
+            "photo_background": camera.data.background_images[0].image == settings.image
+            if camera.data.background_images else False,
         })
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
