@@ -118,7 +118,8 @@ def make_config(args):
     """The whole config, validated (engine.validation) before any work starts."""
     from .validation import checked_config
 
-    return checked_config(args.preset, args.overrides, seed=args.seed, method=args.method, model=args.model,
+    return checked_config(args.preset, args.overrides, seed=args.seed, method=args.method,
+                          model=getattr(args, "model", None),
                           initializer=getattr(args, "initializer", None))
 
 

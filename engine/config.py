@@ -135,7 +135,10 @@ class RenderConfig:
     occupancy_resolution: int = 128  # cells per side of the occupancy grid over the box
     occupancy_update_every: int = 16  # iterations between grid updates (the official code: 16)
     occupancy_decay: float = 0.95  # each update keeps max(decay * old, new density), as the official code
-    occupancy_threshold: float = 10.0  # occupied: density above min(this, the grid's mean density)
+    # Occupied: density above min(this, the grid's mean density). Official: 10. In a box of 8 times the volume
+    # that pruned thin parts for good (the mug's handle: F-score 0.87 against 0.975 at `demo`, measured on an
+    # H200 with the oracle); 1 keeps every cell a surface can grow into.
+    occupancy_threshold: float = 1.0
     normal_epsilon: float = 1e-2  # finite-difference step for normals, in world units
     normal_min_weight: float = 1e-4  # normals only where a sample's compositing weight exceeds this
     ref_resolution: int = 128

@@ -21,7 +21,7 @@ from .errors import EngineError
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators both take seeds up to here
 # the object's name for textual inversion (its first token starts the learned embedding): one plain word
 INITIALIZER_PATTERN = r"^[A-Za-z][A-Za-z'-]{0,31}$"
-FIELD_BACKENDS = ("auto", "torch", "tcnn")  # engine.fields.hashgrid.make_hash_grid
+FIELD_BACKENDS = ("auto", "torch", "tcnn", "triton")  # engine.fields.hashgrid.make_hash_grid
 RENDER_BACKGROUNDS = ("mlp", "white")  # engine.system: an MLP of the view direction, or plain white
 MAX_PROBLEMS_SHOWN = 6
 
@@ -110,6 +110,8 @@ def _show(value) -> str:
 # ---------------------------------------------------------------------------------------------------- values
 
 def _value_problems(cfg: ReconstructionConfig) -> list[str]:
+    from .augment import AUGMENTATIONS
+    from .guidance.fast_paths import MODES as PRIOR_COMPILE_MODES
     from .guidance.stable_diffusion import _DTYPES, WEIGHTINGS  # the names the prior understands
 
     problems: list[str] = []
@@ -152,6 +154,10 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     need(p.guidance_scale > 0, "prior.guidance_scale", "above 0")
     need(0 <= p.t_range[0] < p.t_range[1] <= 1, "prior.t_range", "[low, high] with 0 <= low < high <= 1")
     one_of("prior.weighting", tuple(WEIGHTINGS))
+    between("prior.view_prompt_every", 1, 1_000_000)
+    between("prior.front_angle_deg", 0, 360)
+    between("prior.overhead_angle_deg", 0, 90)
+    one_of("prior.compile", PRIOR_COMPILE_MODES)
 
     ti = cfg.textual_inversion
     need(bool(ti.placeholder) and not any(c.isspace() for c in ti.placeholder) and len(ti.placeholder) <= 32,
@@ -164,6 +170,8 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("textual_inversion.batch_size", 1, 64)
     between("textual_inversion.grad_accumulation", 1, 64)
     need(0 < ti.learning_rate <= 1, "textual_inversion.learning_rate", "in (0, 1]")
+    between("textual_inversion.weight_decay", 0, 1)
+    one_of("textual_inversion.augmentations", tuple(AUGMENTATIONS))
     need(8 <= ti.resolution <= 2048 and ti.resolution % 8 == 0, "textual_inversion.resolution",
          "a multiple of 8 from 8 to 2048 (the VAE halves the side three times)")
 
@@ -178,6 +186,7 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     ordered_range("camera.polar_range_deg", 0, 180)
     ordered_range("camera.azimuth_range_deg", -360, 360)
     between("camera.uniform_sphere_rate", 0, 1)
+    between("camera.uniform_sphere_max_polar_deg", 0, 180)
 
     f = cfg.field
     need(f.bound > 0, "field.bound", "above 0")
@@ -195,7 +204,15 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("field.bg_hidden_dim", 1, 1024)
 
     r = cfg.render
-    between("render.num_samples", 1, 4096)
+    need(1e-4 <= r.step_size <= f.bound, "render.step_size",
+         f"from 0.0001 to field.bound ({f.bound}) (world units; the official 0.006766, coarser for a CPU)")
+    between("render.max_samples", 1, 65536)
+    between("render.min_transmittance", 0, 1)
+    between("render.occupancy_resolution", 4, 512)
+    between("render.occupancy_update_every", 1, 1_000_000)
+    between("render.occupancy_decay", 0, 1)
+    need(r.occupancy_threshold >= 0, "render.occupancy_threshold", "0 or more")
+    need(r.light_jitter >= 0, "render.light_jitter", "0 or more")
     need(r.normal_epsilon > 0, "render.normal_epsilon", "above 0")
     need(r.normal_min_weight >= 0, "render.normal_min_weight", "0 or more")
     between("render.ref_resolution", 8, 2048)
@@ -206,6 +223,9 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("render.ambient_ratio", 0, 1)
     one_of("render.background", RENDER_BACKGROUNDS)
 
+    one_of("loss.sds_schedule", ("gradscaler", "constant"))
+    need(cfg.loss.sds_initial_scale > 0, "loss.sds_initial_scale", "above 0")
+    need(0 < cfg.loss.sds_scale_growth_fraction <= 1, "loss.sds_scale_growth_fraction", "in (0, 1]")
     for name in ("sds", "image", "mask", "normal_smooth_2d", "entropy", "orientation"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "0 or more")
     need(1 <= cfg.loss.normal_blur_kernel <= 99 and cfg.loss.normal_blur_kernel % 2 == 1,
@@ -226,6 +246,16 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("fit.checkpoint_every", 1, 10_000_000)
     between("fit.turntable_views", 1, 64)
     between("fit.turntable_resolution", 8, 2048)
+    between("fit.ema_every", 1, 1_000_000)
+
+    k = cfg.conrad
+    need(k.delta >= 0, "conrad.delta", "0 or more (world units)")
+    need(0 < k.depth_threshold < 1, "conrad.depth_threshold", "between 0 and 1")
+    between("conrad.depth_refresh_every", 1, 1_000_000)
+    between("conrad.depth_resolution", 0, 4096)
+    between("conrad.depth_samples", 2, 8192)
+    one_of("conrad.outside_mask", ("background", "field"))
+    between("conrad.outline_dilation_px", 0, 64)
 
     between("export.min_component_fraction", 0, 1)
     return problems

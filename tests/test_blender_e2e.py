@@ -25,7 +25,7 @@ from test_server import Server
 
 # The tiny prior's guidance is noise, so the fit here learns from the photo alone (reference-view
 # image and mask losses, the mask weighted up); enough steps for the silhouette to settle, a small export.
-E2E_OVERRIDES = [*TINY, "loss.sds=0", "loss.mask=5", "fit.iterations=200", "fit.learning_rate=0.01",
+E2E_OVERRIDES = [*TINY, "field.finest_resolution=64", "render.step_size=0.05", "loss.sds=0", "loss.mask=5", "fit.iterations=200", "fit.learning_rate=0.01",
                  "fit.preview_every=50", "fit.checkpoint_every=200", "export.resolution=64", "export.texture_size=64"]
 SIZE = 64  # silhouettes are compared at this many pixels a side
 
