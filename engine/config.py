@@ -139,6 +139,13 @@ class RenderConfig:
     # that pruned thin parts for good (the mug's handle: F-score 0.87 against 0.975 at `demo`, measured on an
     # H200 with the oracle); 1 keeps every cell a surface can grow into.
     occupancy_threshold: float = 1.0
+    # Cells within this many of an occupied one are marched too: the margin a surface grows into between
+    # two updates (the official grid has none; without it a thin part far from the initial blob never forms).
+    occupancy_dilation: int = 2
+    # ... and never a cell below this density. An untrained field reads exp(0) = 1 everywhere: a haze that,
+    # half above the grid's mean, would fill the march (and a CPU step) with samples the mask loss must first
+    # clear; the margin above lets real surfaces grow past the blob all the same.
+    occupancy_min_density: float = 1.5
     normal_epsilon: float = 1e-2  # finite-difference step for normals, in world units
     normal_min_weight: float = 1e-4  # normals only where a sample's compositing weight exceeds this
     ref_resolution: int = 128

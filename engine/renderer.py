@@ -91,13 +91,15 @@ class OccupancyGrid(torch.nn.Module):
     """Which cells of the box may hold density: the official density grid (stable-dreamfusion, one cascade).
 
     Every `update` evaluates the field once per cell (at a random point inside it), keeps
-    max(decay * old, new) per cell, and marks occupied the cells above min(threshold, mean density).
-    Until the first update every cell counts as occupied.
+    max(decay * old, new) per cell, and marks occupied the cells above min(threshold, mean density)
+    (and above `min_density`), and `dilation` cells around them. Until the first update every cell counts as occupied.
     """
 
-    def __init__(self, resolution: int, bound: float, decay: float = 0.95, threshold: float = 10.0):
+    def __init__(self, resolution: int, bound: float, decay: float = 0.95, threshold: float = 10.0,
+                 dilation: int = 0, min_density: float = 0.0):
         super().__init__()
         self.resolution, self.bound, self.decay, self.threshold = resolution, bound, decay, threshold
+        self.dilation, self.min_density = dilation, min_density
         self.register_buffer("density", torch.full((resolution ** 3,), float("inf")))
         self.register_buffer("occupied", torch.ones(resolution ** 3, dtype=torch.bool))
 
@@ -120,8 +122,16 @@ class OccupancyGrid(torch.nn.Module):
         fresh = torch.cat([density_fn(points[i:i + chunk]).float().reshape(-1) for i in range(0, len(points), chunk)])
         old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
         self.density.copy_(torch.maximum(old * self.decay, torch.nan_to_num(fresh, nan=0.0)))
-        threshold = min(float(self.density.mean()), self.threshold)
-        self.occupied.copy_(self.density > threshold)
+        threshold = max(min(float(self.density.mean()), self.threshold), self.min_density)
+        occupied = self.density > threshold
+        if self.dilation > 0:
+            # A margin of empty cells around the occupied ones stays in the march, so a surface can grow into
+            # them (a part that the blob does not reach, such as a beak pointing at the camera, is otherwise
+            # never sampled, never gets a gradient, and is never grown).
+            size = 2 * self.dilation + 1
+            grid = occupied.float().view(1, 1, r, r, r)
+            occupied = F.max_pool3d(grid, size, stride=1, padding=self.dilation).view(-1) > 0
+        self.occupied.copy_(occupied)
 
     @property
     def occupied_fraction(self) -> float:

@@ -109,7 +109,8 @@ class RealFusionSystem:
         self.renderer = VolumeRenderer(cfg.render, cfg.field.bound)
         render = cfg.render
         self.occupancy = OccupancyGrid(render.occupancy_resolution, cfg.field.bound, render.occupancy_decay,
-                                       render.occupancy_threshold).to(device)
+                                       render.occupancy_threshold, render.occupancy_dilation,
+                                       render.occupancy_min_density).to(device)
         self.optimizer = self._make_optimizer()
         self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay, cfg.fit.ema_every, cfg.fit.ema_warmup)
         self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible

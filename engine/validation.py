@@ -212,6 +212,8 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("render.occupancy_update_every", 1, 1_000_000)
     between("render.occupancy_decay", 0, 1)
     need(r.occupancy_threshold >= 0, "render.occupancy_threshold", "0 or more")
+    between("render.occupancy_dilation", 0, 16)
+    need(r.occupancy_min_density >= 0, "render.occupancy_min_density", "0 or more")
     need(r.light_jitter >= 0, "render.light_jitter", "0 or more")
     need(r.normal_epsilon > 0, "render.normal_epsilon", "above 0")
     need(r.normal_min_weight >= 0, "render.normal_min_weight", "0 or more")
