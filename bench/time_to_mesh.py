@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,11 +55,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from check_fastpaths import device_name, versions  # noqa: E402  (one report header for both benches)
+
 from engine.config import build_config, preset  # noqa: E402
 from engine.fields.hashgrid import tcnn_available, triton_available  # noqa: E402
 from engine.guidance import load_stable_diffusion  # noqa: E402
 from engine.guidance.fast_paths import MODES, prior_modules  # noqa: E402
-from engine.harness.oracle import OracleGuidance  # noqa: E402
+from engine.harness.oracle import OracleGuidance, oracle_gain  # noqa: E402
 from engine.system import RealFusionSystem  # noqa: E402
 
 # CPU smoke test: small enough to finish in seconds, big enough that every stage runs.
@@ -158,10 +159,10 @@ class CostFaithfulGuidance:
         self.sd_grad_norm_sum = None  # device tensor: every SD gradient feeds it, so none can be skipped
         self.sd_steps = 0
 
-    def sds_loss(self, images, cameras=None, lighting=None, background=None):
+    def sds_loss(self, images, cameras=None, lighting=None, background=None, views=None):
         begin = self.sections.start()
         shadow = images.detach().requires_grad_()
-        self.sd_guidance.sds_loss(shadow, cameras, lighting, background).loss.backward()
+        self.sd_guidance.sds_loss(shadow, cameras, lighting, background, views=views).loss.backward()
         norm = torch.nan_to_num(shadow.grad.float().norm(), nan=0.0, posinf=0.0)
         self.sd_grad_norm_sum = norm if self.sd_grad_norm_sum is None else self.sd_grad_norm_sum + norm
         self.sd_steps += 1
@@ -212,7 +213,7 @@ def cost_faithful_prior(model: Path, mesh, cache_dir: Path, sections: Sections, 
 
     def make(cfg, reference, device, out, report):
         sd_guidance = real(cfg, reference, device, out, report)
-        oracle = OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(cfg.seed))
+        oracle = OracleGuidance(mesh, cfg.prior, torch.Generator().manual_seed(cfg.seed), gain=oracle_gain(cfg))
         holder["guidance"] = CostFaithfulGuidance(sd_guidance, oracle, sections)
         return holder["guidance"]
 
@@ -272,7 +273,8 @@ def reference_steps(sd, cfg, mesh, device: torch.device, n: int) -> dict:
     sd_guidance.modules = eager
     fit_sections = Sections(device)
     ACTIVE["sections"] = fit_sections
-    guidance = CostFaithfulGuidance(sd_guidance, OracleGuidance(mesh, ref_cfg.prior, torch.Generator().manual_seed(0)),
+    guidance = CostFaithfulGuidance(sd_guidance, OracleGuidance(mesh, ref_cfg.prior, torch.Generator().manual_seed(0),
+                                                                gain=oracle_gain(ref_cfg)),
                                     fit_sections)
     camera = reference_camera(ref_cfg.camera, ref_cfg.render.ref_resolution)
     truth = render_ground_truth(mesh, camera, supersample=1)
@@ -421,26 +423,6 @@ def resolve_backend(args) -> str:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-           "tinycudann": tcnn_available()}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception:
-        out["triton"] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
 
 
 def write(result: dict) -> Path:

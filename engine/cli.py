@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import DEMO_PRESETS, PRESETS, build_config
+from .config import DEMO_PRESETS, PRESETS
 from .errors import ConfigError, EngineError
 from .methods import METHODS
 

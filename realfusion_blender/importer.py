@@ -297,7 +297,17 @@ def find_occluders(scene, camera, meshes, samples: int = 16) -> list:
                 start = location + direction * 1e-4
             for ob in in_front:
                 found[ob.name] = ob
+    for ob in scene.objects:  # a closed object around the camera (the default Cube, for a small result) walls it in
+        if ob.type == "MESH" and ob.name not in ours and ob.visible_get() and _contains(ob, origin):
+            found[ob.name] = ob
     return list(found.values())
+
+
+def _contains(ob, point) -> bool:
+    """Whether `point` (world) lies inside `ob`'s bounding box."""
+    local = ob.matrix_world.inverted() @ point
+    corners = [c[:] for c in ob.bound_box]
+    return all(min(c[k] for c in corners) <= local[k] <= max(c[k] for c in corners) for k in range(3))
 
 
 def hide_occluders(scene, camera, meshes) -> list[str]:
