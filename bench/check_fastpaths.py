@@ -278,8 +278,13 @@ def device_name(device: torch.device) -> str:
 
 
 def write_report(report: dict, stem: str) -> Path:
+    return save_result(report, f"{stem}_{device_name_slug(report['device'])}.json")
+
+
+def save_result(report: dict, name: str) -> Path:
+    """bench/results/`name` (and a copy in $OUT on the GPU machine, where the device tool returns it)."""
     text = json.dumps(report, indent=2) + "\n"
-    out = ROOT / "bench" / "results" / f"{stem}_{device_name_slug(report['device'])}.json"
+    out = ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if os.environ.get("OUT"):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from check_fastpaths import device_name, versions  # noqa: E402  (one report header for both benches)
+from check_fastpaths import device_name, save_result, versions  # noqa: E402  (one report header for both benches)
 
 from engine.config import build_config, preset  # noqa: E402
 from engine.fields.hashgrid import tcnn_available, triton_available  # noqa: E402
@@ -426,15 +425,9 @@ def resolve_backend(args) -> str:
 
 
 def write(result: dict) -> Path:
-    text = json.dumps(result, indent=2) + "\n"
     slug = result["device"].replace(" ", "-").lower()
     suffix = "" if result["backend_requested"] == "auto" else f"_{result['backend_requested']}"
-    path = ROOT / "bench" / "results" / f"time_to_mesh_{slug}_{result['preset']}{suffix}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], path.name).write_text(text)
-    return path
+    return save_result(result, f"time_to_mesh_{slug}_{result['preset']}{suffix}.json")
 
 
 def model_folder(model_dir: str | None, workdir: Path, tiny: bool) -> Path:

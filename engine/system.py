@@ -115,6 +115,7 @@ class RealFusionSystem:
         self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay, cfg.fit.ema_every, cfg.fit.ema_warmup)
         self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible
         self.step = 0
+        self._prepared_step = -1  # the step whose schedule state `prepare_step` has set
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
         self.method = method_for(cfg.method)(self)  # last: it may wrap the field built above
@@ -167,13 +168,22 @@ class RealFusionSystem:
         return view_names(cameras.polar, cameras.azimuth, self.cfg.camera.ref_azimuth_deg, prior.front_angle_deg,
                           prior.overhead_angle_deg)
 
+    def prepare_step(self) -> None:
+        """The schedule's state for this step (levels, occupancy grid, the method's hook), once per step:
+        a caller that reads `loss_terms` before `training_step` (bench/gradient_balance.py) does not update
+        the occupancy grid twice."""
+        if self._prepared_step == self.step:
+            return
+        self._prepared_step = self.step
+        self.field.set_active_levels(self.active_levels(self.step))
+        if self.step % max(1, self.cfg.render.occupancy_update_every) == 0:
+            self.occupancy.update(self.field.density, self.generator)
+        self.method.before_step()
+
     def loss_terms(self) -> dict[str, torch.Tensor]:
         """This step's unweighted loss terms (renders the reference and a random view)."""
         cfg = self.cfg
-        self.field.set_active_levels(self.active_levels(self.step))
-        if self.step % max(1, cfg.render.occupancy_update_every) == 0:
-            self.occupancy.update(self.field.density, self.generator)
-        self.method.before_step()
+        self.prepare_step()
         weights = self.loss_weights(self.step)
         terms: dict[str, torch.Tensor] = {}
         if weights["image"] > 0 or weights["mask"] > 0:
