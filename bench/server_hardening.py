@@ -138,7 +138,7 @@ def attacks(srv: Srv, photo: str, model: Path, tmp: Path) -> list[dict]:
                                                                         headers={"Host": f"[::1]:{srv.port}"}))
     record("path traversal ../../token", *srv.call("GET", "/jobs/x/files/..%2f..%2ftoken"))
     for overrides in (["seed=1180591620717411303424"], ['fit.betas=["a","b"]'], ["field.backend=evil"],
-                      ["textual_inversion.prompt=a photo"], ["render.num_samples=0"], ["fit.checkpoint_every=0"],
+                      ["textual_inversion.prompt=a photo"], ["render.step_size=0"], ["fit.checkpoint_every=0"],
                       ["prior.dtype=int3"], ["export.format=exe"], ["export.resolution=-1"], ["fit.iterations=0"],
                       ["fit.iterations=-5"], ["method=zero123"], ["render.background=pink"],
                       ["prior.weighting=cubic"], ["fit.learning_rate=NaN"]):
@@ -282,7 +282,7 @@ def soak(srv: Srv, photo: str, job_id: str, count: int = 2000) -> dict:
     before = {"rss_mb": round(srv.rss_mb(), 1), "fds": srv.fds()}
     requests = [("GET", "/health", None, None), ("GET", f"/jobs/{job_id}", None, None), ("GET", "/jobs", None, None),
                 ("GET", "/jobs/nope", None, None), ("GET", "/jobs", None, {"Authorization": "Bearer x"}),
-                ("POST", "/jobs", request(photo, ["render.num_samples=0"]), None),
+                ("POST", "/jobs", request(photo, ["render.step_size=0"]), None),
                 ("GET", f"/jobs/{job_id}/files/preview.png", None, None)]
     statuses: dict[int, int] = {}
     start = time.monotonic()

@@ -68,7 +68,7 @@ TINY_OVERRIDES = [
     "matting.image_size=64", "textual_inversion.steps=3", "textual_inversion.resolution=32", "fit.iterations=6", "fit.preview_every=3",
     "fit.checkpoint_every=3", "fit.turntable_views=2", "fit.turntable_resolution=16",
     "field.n_levels=4", "field.log2_hashmap_size=10", "field.finest_resolution=32", "fit.coarse_levels_masked=1",
-    "render.num_samples=16", "render.random_resolution=16", "render.ref_resolution=16",
+    "render.step_size=0.1", "render.occupancy_resolution=16", "render.random_resolution=16", "render.ref_resolution=16",
     "export.resolution=32", "export.texture_size=64", "export.max_faces=2000",
 ]
 
@@ -327,7 +327,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
                   "ti_steps": cfg.textual_inversion.steps, "ti_batch": cfg.textual_inversion.batch_size,
                   "ti_accumulation": cfg.textual_inversion.grad_accumulation,
                   "ti_accumulate_as_batch": cfg.textual_inversion.accumulate_as_batch,
-                  "fit_iterations": cfg.fit.iterations, "num_samples": cfg.render.num_samples,
+                  "fit_iterations": cfg.fit.iterations, "step_size": cfg.render.step_size,
                   "random_resolution": cfg.render.random_resolution, "ref_resolution": cfg.render.ref_resolution,
                   "export_resolution": cfg.export.resolution, "texture_size": cfg.export.texture_size}}
 

@@ -142,10 +142,14 @@ class RenderConfig:
     # Cells within this many of an occupied one are marched too: the margin a surface grows into between
     # two updates (the official grid has none; without it a thin part far from the initial blob never forms).
     occupancy_dilation: int = 2
-    # ... and never a cell below this density. An untrained field reads exp(0) = 1 everywhere: a haze that,
-    # half above the grid's mean, would fill the march (and a CPU step) with samples the mask loss must first
-    # clear; the margin above lets real surfaces grow past the blob all the same.
-    occupancy_min_density: float = 1.5
+    # ... and never a cell at or below this many times the density of empty space (the grid's median). An
+    # untrained field reads exp(0) = 1 everywhere: a haze that, half above the grid's mean, would fill the march
+    # (and a CPU step) with samples the mask loss must first clear; it drifts as a whole (the MLP's shared
+    # weights), so the floor follows it. The dilation margin lets real surfaces grow past the blob all the same.
+    occupancy_haze_ratio: float = 1.5
+    # Cells inside the reference view's visual hull (the mask's cone) are marched, haze included, until the
+    # losses clear them (OccupancyGrid.HULL_RATIO): parts the blob does not reach can grow there.
+    occupancy_hull: bool = True
     normal_epsilon: float = 1e-2  # finite-difference step for normals, in world units
     normal_min_weight: float = 1e-4  # normals only where a sample's compositing weight exceeds this
     ref_resolution: int = 128

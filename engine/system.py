@@ -23,7 +23,7 @@ from .cameras import Cameras, reference_camera, sample_random_cameras, view_name
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
 from .methods import method_for
-from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near
+from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near, visual_hull
 
 
 class Guidance(Protocol):
@@ -110,7 +110,7 @@ class RealFusionSystem:
         render = cfg.render
         self.occupancy = OccupancyGrid(render.occupancy_resolution, cfg.field.bound, render.occupancy_decay,
                                        render.occupancy_threshold, render.occupancy_dilation,
-                                       render.occupancy_min_density).to(device)
+                                       render.occupancy_haze_ratio).to(device)
         self.optimizer = self._make_optimizer()
         self.ema = ExponentialMovingAverage(self._modules(), cfg.fit.ema_decay, cfg.fit.ema_every, cfg.fit.ema_warmup)
         self.generator = torch.Generator().manual_seed(seed)  # cameras and lights: CPU, reproducible
@@ -118,6 +118,8 @@ class RealFusionSystem:
         self._prepared_step = -1  # the step whose schedule state `prepare_step` has set
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
+        if render.occupancy_hull:
+            self.occupancy.set_hull(visual_hull(self.occupancy.cell_points(), self.ref_camera, reference.mask))
         self.method = method_for(cfg.method)(self)  # last: it may wrap the field built above
 
     def _modules(self) -> list[torch.nn.Module]:

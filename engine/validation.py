@@ -213,7 +213,7 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("render.occupancy_decay", 0, 1)
     need(r.occupancy_threshold >= 0, "render.occupancy_threshold", "0 or more")
     between("render.occupancy_dilation", 0, 16)
-    need(r.occupancy_min_density >= 0, "render.occupancy_min_density", "0 or more")
+    need(r.occupancy_haze_ratio >= 0, "render.occupancy_haze_ratio", "0 or more (0: no floor)")
     need(r.light_jitter >= 0, "render.light_jitter", "0 or more")
     need(r.normal_epsilon > 0, "render.normal_epsilon", "above 0")
     need(r.normal_min_weight >= 0, "render.normal_min_weight", "0 or more")
