@@ -92,16 +92,10 @@ class OccupancyGrid(torch.nn.Module):
 
     Every `update` evaluates the field once per cell (at a random point inside it), keeps
     max(decay * old, new) per cell, and marks occupied the cells above min(threshold, mean density)
-    (and above `haze_ratio` times the median density), and `dilation` cells around them. Cells of the
-    reference view's visual hull (`set_hull`) are marched while their density is above HULL_RATIO times the
-    median, haze included. Until the first update every cell counts as occupied.
+    (and above `haze_ratio` times the median density), and `dilation` cells around them. Until the first
+    update every cell counts as occupied.
     """
 
-    # In the visual hull the object may be anywhere, so there the haze is marched (as the official grid
-    # marches it everywhere at the start, its threshold being the mean) until the losses push a cell below
-    # half the untouched haze: a part the blob does not reach (a beak pointing at the camera, a tail behind
-    # the body) can form from nothing. Outside the hull the reference mask says empty, so nothing is lost.
-    HULL_RATIO = 0.5
 
     def __init__(self, resolution: int, bound: float, decay: float = 0.95, threshold: float = 10.0,
                  dilation: int = 0, haze_ratio: float = 0.0):
@@ -110,8 +104,6 @@ class OccupancyGrid(torch.nn.Module):
         self.dilation, self.haze_ratio = dilation, haze_ratio
         self.register_buffer("density", torch.full((resolution ** 3,), float("inf")))
         self.register_buffer("occupied", torch.ones(resolution ** 3, dtype=torch.bool))
-        # recomputed from the reference view when a fit starts, so not part of a checkpoint
-        self.register_buffer("hull", torch.zeros(resolution ** 3, dtype=torch.bool), persistent=False)
 
     def cell_points(self, offset: torch.Tensor | float = 0.5) -> torch.Tensor:
         """World positions [R^3,3] of a point in every cell (`offset` in [0,1) within it), in flat-index order."""
@@ -119,9 +111,6 @@ class OccupancyGrid(torch.nn.Module):
         cells = torch.arange(r ** 3, device=self.density.device)
         ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1).float()
         return (ijk + offset) / r * (2.0 * self.bound) - self.bound
-
-    def set_hull(self, inside: torch.Tensor) -> None:
-        self.hull.copy_(inside.reshape(-1).to(self.hull.device))
 
     def cell_index(self, points: torch.Tensor) -> torch.Tensor:
         """Flat cell index [N] of world points [N,3] (points outside the box go to the nearest cell)."""
@@ -141,8 +130,6 @@ class OccupancyGrid(torch.nn.Module):
         self.density.copy_(torch.maximum(old * self.decay, torch.nan_to_num(fresh, nan=0.0)))
         threshold = max(min(float(self.density.mean()), self.threshold), self.haze_floor())
         occupied = self.density > threshold
-        if self.hull.any():
-            occupied |= self.hull & (self.density > self.HULL_RATIO * float(self.density.median()))
         if self.dilation > 0:
             # A margin of empty cells around the occupied ones stays in the march, so a surface can grow into
             # them (a part that the blob does not reach, such as a beak pointing at the camera, is otherwise
@@ -166,18 +153,6 @@ class OccupancyGrid(torch.nn.Module):
     @property
     def occupied_fraction(self) -> float:
         return float(self.occupied.float().mean())
-
-
-def visual_hull(points: torch.Tensor, camera: Cameras, mask: torch.Tensor, margin_px: int = 2) -> torch.Tensor:
-    """Which world points [N,3] project inside the mask [H,W] (dilated by `margin_px`) of `camera` (one view)."""
-    height, width = mask.shape
-    grown = F.max_pool2d((mask > 0.5).float()[None, None], 2 * margin_px + 1, stride=1, padding=margin_px)[0, 0] > 0
-    pixels = camera.with_resolution(width, height).project(points)[0].floor().long()
-    x, y = pixels[:, 0], pixels[:, 1]
-    seen = (x >= 0) & (x < width) & (y >= 0) & (y < height)
-    inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
-    inside[seen] = grown[y[seen], x[seen]]
-    return inside
 
 
 class OccupiedField(torch.nn.Module):

@@ -23,7 +23,7 @@ from .cameras import Cameras, reference_camera, sample_random_cameras, view_name
 from .config import ReconstructionConfig
 from .fields.radiance_field import BackgroundField, RadianceField
 from .methods import method_for
-from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near, visual_hull
+from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near
 
 
 class Guidance(Protocol):
@@ -118,8 +118,6 @@ class RealFusionSystem:
         self._prepared_step = -1  # the step whose schedule state `prepare_step` has set
         self.skipped_steps = 0  # iterations whose loss or gradient was not finite (no update made)
         self.ref_camera = reference_camera(cfg.camera, cfg.render.ref_resolution, device)
-        if render.occupancy_hull:
-            self.occupancy.set_hull(visual_hull(self.occupancy.cell_points(), self.ref_camera, reference.mask))
         self.method = method_for(cfg.method)(self)  # last: it may wrap the field built above
 
     def _modules(self) -> list[torch.nn.Module]:
@@ -156,7 +154,8 @@ class RealFusionSystem:
     def loss_weights(self, step: int) -> dict[str, float]:
         """Each term's weight at `step`: the config's, with SDS's effective schedule (`LossConfig.sds_schedule`)."""
         loss = self.cfg.loss
-        weights = {name: getattr(loss, name) for name in ("image", "mask", "normal_smooth_2d", "entropy", "orientation")}
+        names = ("image", "mask", "carve", "normal_smooth_2d", "entropy", "orientation")
+        weights = {name: getattr(loss, name) for name in names}
         weights["sds"] = loss.sds_weight(step, self.cfg.fit.iterations)
         return self.method.loss_weights(weights)  # the method's choice of terms (ConRad: no color image loss)
 
@@ -188,9 +187,11 @@ class RealFusionSystem:
         self.prepare_step()
         weights = self.loss_weights(self.step)
         terms: dict[str, torch.Tensor] = {}
-        if weights["image"] > 0 or weights["mask"] > 0:
-            if self.step % cfg.fit.ref_view_every == 0:
+        if self.step % cfg.fit.ref_view_every == 0:
+            if weights["image"] > 0 or weights["mask"] > 0:
                 terms.update(self._reference_terms())
+            if weights["carve"] > 0:
+                terms["carve"] = self._carve_term()
         if cfg.loss.sds > 0:
             terms.update(self._prior_terms())
         return terms
@@ -227,6 +228,14 @@ class RealFusionSystem:
                                                  self.reference.premultiplied),
             "mask": losses.mask_loss(out.opacity[0], self.reference.mask),
         }
+
+    def _carve_term(self) -> torch.Tensor:
+        """The reference view, coarse and through the whole box (no occupancy grid), empty where the photo is."""
+        size = self.cfg.render.carve_resolution
+        out = self.renderer.render(self.method.training_field(), None, self.ref_camera.with_resolution(size),
+                                   shading="albedo", with_normals=False, stratified=True)
+        target = F.interpolate(self.reference.mask[None, None], size=(size, size), mode="area")[0, 0]
+        return losses.carve_loss(out.opacity[0], target)
 
     def _prior_terms(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg

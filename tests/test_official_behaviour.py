@@ -138,30 +138,3 @@ def test_occupancy_grid_leaves_a_uniform_haze_out_wherever_it_drifts():
     without_floor.update(ball(2.0), torch.Generator().manual_seed(0))
     assert without_floor.occupied_fraction == 1.0  # the haze is above min(1, mean): all of it marched
 
-
-def test_visual_hull_haze_is_marched_until_cleared():
-    """In the reference mask's cone the haze is marched (a beak toward the camera can grow from nothing);
-    outside it is not; a hull cell the losses pushed below half the haze leaves the march."""
-    from engine.renderer import visual_hull
-
-    cfg = preset("paper")
-    camera = reference_camera(cfg.camera, 32)
-    yy, xx = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
-    disk = (((xx - 16) ** 2 + (yy - 16) ** 2) < 8 ** 2).float()  # the object's silhouette, centered
-    toward_camera = camera.position[0] / camera.position[0].norm() * 1.0  # in front of the object, in the cone
-    beside = torch.tensor([1.3, 0.0, -1.3])  # off to the side: outside the cone
-    points = torch.stack([torch.zeros(3), toward_camera, beside])
-    assert visual_hull(points, camera, disk).tolist() == [True, True, False]
-
-    grid = OccupancyGrid(24, 1.5, threshold=1.0, dilation=1, haze_ratio=1.5)
-    grid.set_hull(visual_hull(grid.cell_points(), camera, disk))
-    haze = lambda x: torch.full_like(x[:, 0], 1.2)
-    grid.update(haze, torch.Generator().manual_seed(0))
-    assert grid.is_occupied(points).tolist() == [True, True, False]
-    cleared = lambda x: torch.where(x.norm(dim=-1) < 0.3, torch.full_like(x[:, 0], 100.0), torch.full_like(x[:, 0], 1.2))
-    cleared_in_front = lambda x: torch.where((x - toward_camera).norm(dim=-1) < 0.2, torch.full_like(x[:, 0], 0.1),
-                                             cleared(x))
-    grid = OccupancyGrid(24, 1.5, threshold=1.0, decay=0.0, haze_ratio=1.5)
-    grid.set_hull(visual_hull(grid.cell_points(), camera, disk))
-    grid.update(cleared_in_front, torch.Generator().manual_seed(0))
-    assert grid.is_occupied(points).tolist() == [True, False, False]
