@@ -267,6 +267,15 @@ def test_serve_with_gpus_that_do_not_exist_fails_at_startup_with_one_line(tmp_pa
     assert not (tmp_path / "data" / "token").exists()  # nothing started
 
 
+def test_serve_refuses_gpus_together_with_ray_before_starting_anything(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["serve", "--ray", "local", "--gpus", "0", "--data-dir", str(tmp_path / "data")]) == 2
+    assert "--gpus" in capsys.readouterr().err and not (tmp_path / "data").exists()
+    assert main(["serve", "--workers", "2", "--max-attempts", "0", "--data-dir", str(tmp_path / "data")]) == 2
+    assert "--max-attempts" in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
 class TimedRunner(ScriptedRunner):
     """ScriptedRunner that also records when each job started and ended (and on which device)."""
 

@@ -1,7 +1,7 @@
 """HTTP API v1 of the local job server (`realfusion serve`), which the Blender add-on talks to.
 
 Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
-  GET    /health                  engine version, devices and their workers' jobs, presets, default model, queue
+  GET    /health                  engine version, workers (device, GPU and memory, job, model), presets, queue
   POST   /jobs                    submit a photo (base64) with a preset, seed, model and overrides -> 201 job
   GET    /jobs                    {"jobs": [...]}, newest first
   GET    /jobs/{id}               one job: state, stage, step/total, overall progress, error, files
@@ -238,16 +238,17 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
     import torch
 
     settings = settings or ServerSettings()
-    lock = DataDirLock(jobs_dir)  # first: a second server must not mark the first one's jobs interrupted
     reconstructor = None
+    if settings.ray is None:
+        reconstructor = Reconstructor(settings, prior_factory)
+        devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
+    lock = DataDirLock(jobs_dir)  # before any job is read: a second server must not mark the first one's interrupted
     try:
-        if settings.ray is not None:  # the workers are Ray actors (a cluster's, or a local one started here)
+        if reconstructor is None:  # the workers are Ray actors (a cluster's, or a local one started here)
             from .ray_pool import RayJobRunner
 
             reconstructor = RayJobRunner(settings, prior_factory)
-        else:
-            reconstructor = Reconstructor(settings, prior_factory)
-        devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
+            devices = reconstructor.devices()
         gpus = {d: None if settings.ray is not None else _gpu_name(torch.device(d)) for d in devices}
         store = JobStore(jobs_dir, reconstructor, default_model=settings.model, devices=devices)
         store.remove_stale_temporaries()

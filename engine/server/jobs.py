@@ -10,6 +10,8 @@ own worker thread, which takes the next queued job when its job ends. Cancelling
 the pipeline's progress callback checks, so a running fit stops at its next step with its
 checkpoint kept. A server that stops (or dies) leaves unfinished jobs "interrupted"; they
 are listed again on the next start and `resume` queues them to go on from their checkpoint.
+With `serve --ray`, the runner is engine/server/ray_pool.py's RayJobRunner: the same worker threads,
+each driving a Ray actor that does the work.
 """
 
 from __future__ import annotations
