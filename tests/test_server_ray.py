@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import pytest
 
@@ -37,6 +38,49 @@ def photo_b64(tmp_path_factory) -> str:
     return base64.b64encode(rgba_disc(tmp_path_factory.mktemp("photo") / "disc.png").read_bytes()).decode()
 
 
+KILL_OVERRIDES = ["fit.iterations=10", "fit.checkpoint_every=2", "fit.preview_every=2"]
+
+
+class KillAfterCheckpoint(threading.Thread):
+    """Kills the process of the Ray worker running `job_id` once its fit is past its checkpoint at step 2."""
+
+    def __init__(self, server, job_id):
+        super().__init__(daemon=True)
+        self.server, self.job_id = server, job_id
+        self.killed = None  # (the worker as /health showed it, the time of the kill)
+        self.early_preview_mtime = None
+
+    def run(self):
+        folder = self.server.jobs_dir / self.job_id
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            _, job = self.server.call("GET", f"/jobs/{self.job_id}")
+            if job["state"] != "running" and job["state"] != "queued":
+                return  # finished before it could be killed: the test says so
+            if job["stage"] == "fit" and job["step"] >= 3 and (folder / "checkpoints" / "last.pt").is_file():
+                workers = self.server.call("GET", "/health")[1]["workers"]
+                worker = next(w for w in workers if w["running"] == self.job_id)
+                self.early_preview_mtime = (folder / "previews" / "step_000002.png").stat().st_mtime
+                os.kill(worker["pid"], signal.SIGKILL)
+                self.killed = (worker, time.time())
+                return
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_server, photo_b64) -> dict:
+    """Two jobs submitted at once, as soon as the server listens: one runs plainly, the other's worker gets
+    killed; on the two workers they run side by side (the tests stay short)."""
+    ids = {}
+    for name, overrides in (("plain", ()), ("killed", KILL_OVERRIDES)):
+        status, job = ray_server.call("POST", "/jobs", job_request(photo_b64, overrides))
+        assert status == 201, job
+        ids[name] = job["id"]
+    ids["killer"] = KillAfterCheckpoint(ray_server, ids["killed"])
+    ids["killer"].start()
+    return ids
+
+
 def ready_workers(server, timeout=60.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:
@@ -49,7 +93,7 @@ def ready_workers(server, timeout=60.0) -> list[dict]:
         time.sleep(0.3)
 
 
-def test_health_shows_each_ray_worker_with_its_device_and_memory(ray_server):
+def test_health_shows_each_ray_worker_with_its_device_and_memory(ray_server, submitted):
     workers = ready_workers(ray_server)
     assert [w["device"] for w in workers] == ["ray:0", "ray:1"]
     assert all(w["runs_on"] == "cpu" and w["gpu"] is None and w["gpu_memory"] is None for w in workers)
@@ -60,10 +104,8 @@ def test_health_shows_each_ray_worker_with_its_device_and_memory(ray_server):
     assert health["pool"] == "ray" and health["device"] == "cpu" and health["ok"] is True
 
 
-def test_a_job_runs_to_done_on_a_ray_worker_and_serves_its_files(ray_server, photo_b64):
-    status, job = ray_server.call("POST", "/jobs", job_request(photo_b64))
-    assert status == 201, job
-    job = ray_server.wait(job["id"], timeout=60)
+def test_a_job_runs_to_done_on_a_ray_worker_and_serves_its_files(ray_server, submitted):
+    job = ray_server.wait(submitted["plain"], timeout=60)
     assert job["state"] == "done" and job["progress"] == 1.0, f"{job}\n{ray_server.log_tail()}"
     assert job["device"] in ("ray:0", "ray:1") and set(job["metrics"]) >= {"total", "sds"}
     assert set(job["files"]) >= {"input.png", "reference.png", "preview.png", "turntable.png", "field.pt"}
@@ -74,24 +116,19 @@ def test_a_job_runs_to_done_on_a_ray_worker_and_serves_its_files(ray_server, pho
     assert worker["model_loaded"] == str(ray_server.model) and worker["model_loads"] == 1  # kept in that actor
 
 
-def test_a_job_whose_ray_worker_is_killed_goes_on_from_its_checkpoint_on_a_new_one(ray_server, photo_b64):
-    overrides = ["fit.iterations=12", "fit.checkpoint_every=2", "fit.preview_every=2"]
-    status, job = ray_server.call("POST", "/jobs", job_request(photo_b64, overrides))
-    assert status == 201, job
+def test_a_job_whose_ray_worker_is_killed_goes_on_from_its_checkpoint_on_a_new_one(ray_server, submitted):
+    killer = submitted["killer"]
+    killer.join(120)
+    assert killer.killed is not None, "the job finished before its worker could be killed"
+    worker, killed_at = killer.killed
+    job = {"id": submitted["killed"]}
     folder = ray_server.jobs_dir / job["id"]
-    running = ray_server.wait(job["id"], lambda j: j["stage"] == "fit" and j["step"] >= 5 or j["state"] != "running")
-    assert running["state"] == "running", running
-    worker = next(w for w in ray_server.call("GET", "/health")[1]["workers"] if w["running"] == job["id"])
-    early_preview = folder / "previews" / "step_000002.png"  # written with the checkpoint at step 2
-    assert early_preview.is_file() and (folder / "checkpoints" / "last.pt").is_file()
-    os.kill(worker["pid"], signal.SIGKILL)
-    killed_at = time.time()
-
     job = ray_server.wait(job["id"], timeout=60)
     assert job["state"] == "done" and job["error"] is None, f"{job}\n{ray_server.log_tail()}"
-    assert json.loads((folder / "status.json").read_text())["steps"] == 12
-    assert early_preview.stat().st_mtime < killed_at  # went on from the checkpoint, not from step 0
-    assert (folder / "previews" / "step_000012.png").stat().st_mtime > killed_at
+    assert json.loads((folder / "status.json").read_text())["steps"] == 10
+    early_preview = folder / "previews" / "step_000002.png"  # written with the checkpoint at step 2
+    assert early_preview.stat().st_mtime == killer.early_preview_mtime  # went on from the checkpoint, not step 0
+    assert (folder / "previews" / "step_000010.png").stat().st_mtime > killed_at
     replaced = next(w for w in ray_server.call("GET", "/health")[1]["workers"] if w["device"] == worker["device"])
     assert replaced["replaced"] == 1 and replaced["pid"] != worker["pid"] and replaced["last_death"]
     assert "died" in ray_server.log_tail()
