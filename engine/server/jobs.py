@@ -445,6 +445,7 @@ class JobStore:
         self._runner_takes_device = _takes(runner, "device")
         self._runner_takes_cancel = _takes(runner, "check_cancel")
         self._runner_takes_worker = _takes(runner, "worker")
+        self._runner_takes_note = _takes(runner, "note")
         self._resume_floor: dict[str, float] = {}  # job id -> its progress when resumed (not shown going back)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
@@ -688,6 +689,8 @@ class JobStore:
             extra["check_cancel"] = worker.check_cancel
         if self._runner_takes_worker:
             extra["worker"] = worker.index
+        if self._runner_takes_note:
+            extra["note"] = lambda text: self._note(job, text)
         try:
             self.runner(job.settings, self.jobs_dir / job.id, report, **extra)
         except JobCancelled:
@@ -740,6 +743,12 @@ class JobStore:
             self._touch(job, message=label)
             if new_stage:
                 self._persist(job)
+
+    def _note(self, job: Job, text: str) -> None:
+        """The runner's word on its running job (e.g. a Ray worker lost), shown as the job's message."""
+        with self._lock:
+            if job.state == RUNNING:
+                self._touch(job, message=text)
 
     # ------------------------------------------------------------------ bookkeeping (callers hold the lock)
 

@@ -201,7 +201,7 @@ class RayJobRunner:
         return {}  # the models live in the actors: see slot_info
 
     def __call__(self, job: JobSettings, folder: Path, report: Callable, device: str | None = None,
-                 check_cancel: Callable[[], None] | None = None) -> None:
+                 check_cancel: Callable[[], None] | None = None, note: Callable[[str], None] | None = None) -> None:
         slot = self._slots[int(str(device or "ray:0").split(":")[1])]
         check_cancel = check_cancel or (lambda: None)
         floor = None  # after a lost worker: progress below this (early stages run again) is not shown
@@ -218,6 +218,8 @@ class RayJobRunner:
                             reason, "going on from its checkpoint on a new worker"
                             if attempt < self.settings.max_attempts else "giving up")
                 floor = shown[0]
+                if note is not None and attempt < self.settings.max_attempts:
+                    note(f"Its Ray worker died ({reason}); going on from its last checkpoint on a new worker")
                 continue
             return self._outcome(folder.name, outcome)
         raise JobWorkerLost(f"Its Ray worker died {self.settings.max_attempts} times while running it.",
