@@ -30,7 +30,7 @@ from .config import ReconstructionConfig, build_config
 from .errors import DeviceError, EngineError, InputImageError
 from .outputs import STATUS_FILE, OutputDir, atomic_write_json
 from . import ray_cluster
-from .ray_cluster import first_line as _first_line, import_ray
+from .ray_cluster import first_line as _first_line, import_ray as _import_ray
 
 log = logging.getLogger("realfusion.batch")
 
@@ -436,10 +436,6 @@ def _ray_gpu_ids() -> list:
     import ray
 
     return ray.get_gpu_ids()
-
-
-def _import_ray():
-    return import_ray()
 
 
 def connect(settings: BatchSettings) -> bool:
