@@ -29,6 +29,8 @@ from typing import Callable
 from .config import ReconstructionConfig, build_config
 from .errors import DeviceError, EngineError, InputImageError
 from .outputs import STATUS_FILE, OutputDir, atomic_write_json
+from . import ray_cluster
+from .ray_cluster import first_line as _first_line, import_ray as _import_ray
 
 log = logging.getLogger("realfusion.batch")
 
@@ -436,48 +438,9 @@ def _ray_gpu_ids() -> list:
     return ray.get_gpu_ids()
 
 
-def _import_ray():
-    try:
-        import ray
-    except ModuleNotFoundError as exc:
-        raise EngineError("A Ray batch (--ray or --workers) needs the `ray` package, which is not installed.",
-                          "Install the ray extra: pip install 'realfusion-blender[ray]'.") from exc
-    return ray
-
-
 def connect(settings: BatchSettings) -> bool:
     """Join the cluster at --ray ADDRESS, or start a local one; True when this call did (and should shut it down)."""
-    ray = _import_ray()
-    if ray.is_initialized():
-        return False  # the caller (a test, the benchmark) already connected
-    if settings.ray in (None, "local"):
-        engine_root = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (engine_root, os.environ.get("PYTHONPATH")) if p)
-        # address="local": always a new cluster, never one a `ray start` left on this machine
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, settings.workers or 1),
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})  # this engine, on every worker
-        return True
-    fix = ("Check the address printed by `ray start --head` (e.g. --ray 10.0.0.5:6379, or --ray auto on a "
-           "cluster node); a cluster with Ray's token authentication also needs RAY_AUTH_MODE=token and its token "
-           "(~/.ray/auth_token); or use --ray local.")
-    _check_reachable(settings.ray, fix)
-    try:
-        ray.init(address=settings.ray, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise EngineError(f"Could not connect to the Ray cluster at {settings.ray} ({exc}).", fix) from exc
-    return True
-
-
-def _check_reachable(address: str, fix: str, timeout_s: float = 10.0) -> None:
-    """A host:port nobody listens on fails here in seconds (Ray itself keeps retrying for minutes)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise EngineError(f"Nothing answers at the Ray address {address} ({exc.strerror or exc}).", fix) from exc
+    return ray_cluster.connect(settings.ray, settings.workers)
 
 
 class _RayPool:
@@ -612,7 +575,3 @@ class _RayPool:
         self.progress.photo_finished(result)
         self.idle.append((actor, info))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

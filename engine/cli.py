@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-megapixels", type=float, default=64.0,
                      help="largest photo accepted, in millions of pixels (default 64)")
     srv.add_argument("--header-timeout", type=float, default=10.0, help=argparse.SUPPRESS)  # tests: seconds
+    srv.add_argument("--ray", metavar="ADDRESS|local", help="run the jobs on Ray workers instead of this machine's "
+                                                            "devices: a running cluster's address, or local to start "
+                                                            "one here (the data folder must be on every node)")
+    srv.add_argument("--workers", type=int, help="Ray workers (implies --ray local; default: one per GPU of the "
+                                                 "cluster, or 1 on CPU)")
+    srv.add_argument("--gpus-per-worker", type=float, default=1.0,
+                     help="GPU share of a Ray worker (default 1; 0.5 puts two workers on each GPU)")
+    srv.add_argument("--max-attempts", type=int, default=3,
+                     help="runs of a job whose Ray worker keeps dying before it fails (default 3)")
 
     exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
                                              "its camera; `reconstruct` runs this at its end")
@@ -247,10 +256,18 @@ def cmd_serve(args) -> int:
             raise
         raise EngineError(f"`realfusion serve` needs {exc.name}, which is not installed.",
                           "Install the server extra: pip install 'realfusion-blender[server]'.") from exc
+    ray = args.ray or ("local" if args.workers is not None else None)
+    if ray is not None and args.gpus is not None:
+        raise EngineError("--gpus picks this machine's devices; with --ray each Ray worker gets its own GPU.",
+                          "Use --ray with --workers N (and --gpus-per-worker), or --gpus without --ray.")
+    if args.max_attempts < 1:
+        raise EngineError("--max-attempts must be at least 1.", "Use --max-attempts 3 (the default).")
     gpus = args.gpus if args.gpus is not None or args.device != "auto" else "all"
-    settings = ServerSettings(model=args.model, device=args.device, gpus=gpus, cache_dir=args.cache_dir,
-                              host=args.host, max_upload_bytes=int(args.max_upload_mb * 2**20),
-                              max_pixels=int(args.max_megapixels * 1e6), header_timeout_s=args.header_timeout)
+    settings = ServerSettings(model=args.model, device=args.device, gpus=None if ray else gpus,
+                              cache_dir=args.cache_dir, host=args.host, max_upload_bytes=int(args.max_upload_mb * 2**20),
+                              max_pixels=int(args.max_megapixels * 1e6), header_timeout_s=args.header_timeout,
+                              ray=ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              max_attempts=args.max_attempts)
     return serve(args.data_dir or default_jobs_dir(), settings, port=args.port)
 
 

@@ -267,6 +267,15 @@ def test_serve_with_gpus_that_do_not_exist_fails_at_startup_with_one_line(tmp_pa
     assert not (tmp_path / "data" / "token").exists()  # nothing started
 
 
+def test_serve_refuses_gpus_together_with_ray_before_starting_anything(tmp_path, capsys):
+    from engine.cli import main
+
+    assert main(["serve", "--ray", "local", "--gpus", "0", "--data-dir", str(tmp_path / "data")]) == 2
+    assert "--gpus" in capsys.readouterr().err and not (tmp_path / "data").exists()
+    assert main(["serve", "--workers", "2", "--max-attempts", "0", "--data-dir", str(tmp_path / "data")]) == 2
+    assert "--max-attempts" in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
 class TimedRunner(ScriptedRunner):
     """ScriptedRunner that also records when each job started and ended (and on which device)."""
 
@@ -370,3 +379,53 @@ def test_stopping_interrupts_the_jobs_of_every_worker(tmp_path):
     jobs.stop(timeout=10)
     assert [jobs.snapshot(job_id)[0]["state"] for job_id in ids] == ["interrupted", "interrupted"]
     runner.hold.clear()
+
+
+def test_gpus_all_on_four_gpus_gives_one_model_per_gpu_and_never_two_jobs_on_one(tmp_path, monkeypatch):
+    """`serve --gpus all` on a (faked) 4-GPU machine through the real Reconstructor: the pipeline and the
+    model loader are stand-ins that record which device and which cached model each job got."""
+    import engine.pipeline as pipeline
+    from engine.pipeline import ModelCache
+    from engine.server.jobs import Reconstructor, ServerSettings, parse_gpus
+
+    devices = parse_gpus("all", cuda_count=4)
+    assert devices == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    lock, busy, peak, seen = threading.Lock(), set(), [0], []
+
+    def prior(cache_dir=None, models=None, check_cancel=None):
+        return models.get("tiny", "fake-device", "float32")  # loads once per cache, then reuses it
+
+    def reconstruct(image, folder, cfg, device=None, prior=None, report=None, resume=None, check_cancel=None):
+        with lock:
+            assert device not in busy, f"two jobs on {device} at once"
+            busy.add(device)
+            peak[0] = max(peak[0], len(busy))
+            seen.append((device, id(prior)))
+        time.sleep(0.15)
+        with lock:
+            busy.discard(device)
+
+    monkeypatch.setattr(pipeline, "reconstruct", reconstruct)
+    monkeypatch.setattr(pipeline, "stable_diffusion_prior", prior)
+    reconstructor = Reconstructor(ServerSettings(gpus="all"))
+    reconstructor._ModelCache = lambda: ModelCache(loader=lambda model, device, dtype: object())
+    monkeypatch.setattr(reconstructor, "check", lambda settings, folder: None)  # the fake PNG is not an image
+    monkeypatch.setattr(reconstructor, "config", lambda settings: None)
+    jobs = JobStore(tmp_path / "jobs", reconstructor, devices=devices)
+    jobs.start()
+    try:
+        ids = [jobs.submit(PNG, JobSettings())["id"] for _ in range(8)]
+        records = [wait_state(jobs, job_id, "done", "failed") for job_id in ids]
+    finally:
+        jobs.stop()
+    assert [r["state"] for r in records] == ["done"] * 8, records
+    assert peak[0] == 4 and {r["device"] for r in records} == set(devices)  # every GPU busy at once
+    caches = reconstructor.caches
+    assert sorted(caches) == [(d, i) for i, d in enumerate(devices)] and all(c.loads == 1 for c in caches.values())
+    models_by_device = {}
+    for device, model in seen:
+        models_by_device.setdefault(device, set()).add(model)
+    assert all(len(m) == 1 for m in models_by_device.values())  # each GPU kept its one model between its jobs
+    assert len({next(iter(m)) for m in models_by_device.values()}) == 4  # and no two GPUs shared one
+    # Two workers listed on one device (the plumbing run on one GPU) each keep a model of their own.
+    assert reconstructor.models_for("cuda:0", 0) is not reconstructor.models_for("cuda:0", 5)

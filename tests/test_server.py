@@ -399,7 +399,11 @@ def test_three_concurrent_submissions_queue_and_finish_in_order_with_the_model_l
     assert status == 200 and health["model_loaded"] is True and health["loaded_model"] == str(server.model)
     assert health["model_loads"] == 1, health  # every job here (done_job and these three) took the same model
     assert health["gpu_memory"] is None  # CPU
-    assert health["workers"] == [{"device": "cpu", "gpu": None, "running": None, "model_loaded": str(server.model)}]
+    [worker] = health["workers"]
+    assert {k: worker[k] for k in ("device", "gpu", "running", "model_loaded", "model_loads", "gpu_memory")} == {
+        "device": "cpu", "gpu": None, "running": None, "model_loaded": str(server.model), "model_loads": 1,
+        "gpu_memory": None}
+    assert worker["pid"] == server.proc.pid and worker["memory_bytes"] > 10 * 2**20  # the server's own process
 
 
 def test_fuzzed_requests_never_get_a_5xx_nor_stop_the_server(server, done_job):

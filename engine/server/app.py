@@ -1,7 +1,7 @@
 """HTTP API v1 of the local job server (`realfusion serve`), which the Blender add-on talks to.
 
 Routes (JSON unless noted; every error is {"error": {"problem", "fix"}}):
-  GET    /health                  engine version, devices and their workers' jobs, presets, default model, queue
+  GET    /health                  engine version, workers (device, GPU and memory, job, model), presets, queue
   POST   /jobs                    submit a photo (base64) with a preset, seed, model and overrides -> 201 job
   GET    /jobs                    {"jobs": [...]}, newest first
   GET    /jobs/{id}               one job: state, stage, step/total, overall progress, error, files
@@ -48,7 +48,7 @@ from ..config import PRESETS
 from ..errors import DiskFullError, EngineError, InputImageError
 from ..validation import known_methods
 from .jobs import (FINISHED, DataDirLock, JobSettings, JobStateConflict, JobStore, Reconstructor, ServerSettings,
-                   UnknownJob)
+                   UnknownJob, process_memory_bytes)
 from .schemas import ErrorResponse, GpuMemory, Health, JobList, JobOut, JobRequest, WorkerOut
 
 log = logging.getLogger("realfusion.server")
@@ -238,18 +238,28 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
     import torch
 
     settings = settings or ServerSettings()
-    reconstructor = Reconstructor(settings, prior_factory)
-    devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
-    gpus = {d: _gpu_name(torch.device(d)) for d in devices}
-    device = torch.device(devices[0])
-    lock = DataDirLock(jobs_dir)  # first: a second server must not mark the first one's jobs interrupted
+    reconstructor = None
+    if settings.ray is None:
+        reconstructor = Reconstructor(settings, prior_factory)
+        devices = reconstructor.devices()  # --gpus 3 or --device cuda without that GPU fails here, before listening
+    lock = DataDirLock(jobs_dir)  # before any job is read: a second server must not mark the first one's interrupted
     try:
+        if reconstructor is None:  # the workers are Ray actors (a cluster's, or a local one started here)
+            from .ray_pool import RayJobRunner
+
+            reconstructor = RayJobRunner(settings, prior_factory)
+            devices = reconstructor.devices()
+        gpus = {d: None if settings.ray is not None else _gpu_name(torch.device(d)) for d in devices}
         store = JobStore(jobs_dir, reconstructor, default_model=settings.model, devices=devices)
         store.remove_stale_temporaries()
         token = token or ensure_token(jobs_dir)
     except BaseException:
+        if hasattr(reconstructor, "shutdown"):
+            reconstructor.shutdown()
         lock.release()
         raise
+    device = torch.device("cuda" if getattr(reconstructor, "use_gpu", False) else "cpu") if settings.ray is not None \
+        else torch.device(devices[0])
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -258,6 +268,8 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
             yield
         finally:
             await run_in_threadpool(store.stop)
+            if hasattr(reconstructor, "shutdown"):
+                await run_in_threadpool(reconstructor.shutdown)  # the Ray actors, and a cluster started here
 
     app = _fastapi(title="RealFusion job server", version=__version__, lifespan=lifespan, redoc_url=None,
                    swagger_ui_parameters={"persistAuthorization": True})
@@ -276,18 +288,22 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
 
     @app.get("/health", response_model=Health)
     def health():
-        caches = reconstructor.caches
-        loaded = [c.loaded for c in caches.values() if c.loaded is not None]
-        workers = [WorkerOut(device=w["device"], gpu=gpus.get(w["device"]), running=w["running"],
-                             model_loaded=caches[w["device"]].loaded if w["device"] in caches else None)
-                   for w in store.workers()]
+        if settings.ray is not None:
+            workers = _ray_workers(store, reconstructor)
+            loads = sum(w.model_loads for w in workers)
+            gpu_memory = next((w.gpu_memory for w in workers if w.gpu_memory is not None), None)
+        else:
+            workers = _local_workers(store, reconstructor, gpus)
+            loads = sum(c.loads for c in reconstructor.caches.values())
+            gpu_memory = _gpu_memory(device)
+        loaded = [w.model_loaded for w in workers if w.model_loaded is not None]
         problems = store.problems()
         return Health(ok=not problems, problems=problems, version=__version__, device=device.type,
-                      gpu=gpus[devices[0]], methods=list(known_methods()),
+                      gpu=next((w.gpu for w in workers if w.gpu), None), methods=list(known_methods()),
                       presets=list(PRESETS), model=settings.default_model, queue=store.queued_count(),
                       running=store.running_id(), workers=workers, model_loaded=bool(loaded),
-                      loaded_model=loaded[0] if loaded else None, model_loads=sum(c.loads for c in caches.values()),
-                      gpu_memory=_gpu_memory(device))
+                      loaded_model=loaded[0] if loaded else None, model_loads=loads, gpu_memory=gpu_memory,
+                      pool="ray" if settings.ray is not None else "local")
 
     @app.post("/jobs", status_code=201, response_model=JobOut,
               responses={**ERRORS, 413: {"model": ErrorResponse}, 507: {"model": ErrorResponse}})
@@ -359,6 +375,39 @@ def create_app(jobs_dir: Path, settings: ServerSettings | None = None, prior_fac
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _local_workers(store: JobStore, reconstructor: Reconstructor, gpus: dict) -> list[WorkerOut]:
+    """Each worker thread of this process: its device, its GPU and that GPU's memory, its model."""
+    import torch
+
+    caches = reconstructor.caches
+    memory = process_memory_bytes()
+    workers = []
+    for index, w in enumerate(store.workers()):
+        cache = caches.get((str(w["device"]), index))
+        workers.append(WorkerOut(device=w["device"], gpu=gpus.get(w["device"]), running=w["running"],
+                                 model_loaded=cache.loaded if cache else None, model_loads=cache.loads if cache else 0,
+                                 runs_on=w["device"], gpu_memory=_gpu_memory(torch.device(w["device"])),
+                                 memory_bytes=memory,
+                                 pid=os.getpid(), host=socket.gethostname()))
+    return workers
+
+
+def _ray_workers(store: JobStore, runner) -> list[WorkerOut]:
+    """Each Ray slot: what its actor last reported about itself (its device, GPU and memory, model)."""
+    info = runner.slot_info()
+    workers = []
+    for w in store.workers():
+        actor = info.get(w["device"], {})
+        memory = actor.get("gpu_memory")
+        workers.append(WorkerOut(device=w["device"], runs_on=actor.get("device"), gpu=actor.get("gpu"), running=w["running"], model_loaded=actor.get("model_loaded"),
+                                 model_loads=actor.get("model_loads") or 0,
+                                 gpu_memory=GpuMemory(**memory) if memory else None,
+                                 memory_bytes=actor.get("memory_bytes"), pid=actor.get("pid"), host=actor.get("host"),
+                                 ready=bool(actor.get("ready")), replaced=actor.get("replaced") or 0,
+                                 last_death=actor.get("last_death")))
+    return workers
 
 
 def _job_out(store: JobStore, record: dict) -> JobOut:

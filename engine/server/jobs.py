@@ -10,6 +10,8 @@ own worker thread, which takes the next queued job when its job ends. Cancelling
 the pipeline's progress callback checks, so a running fit stops at its next step with its
 checkpoint kept. A server that stops (or dies) leaves unfinished jobs "interrupted"; they
 are listed again on the next start and `resume` queues them to go on from their checkpoint.
+With `serve --ray`, the runner is engine/server/ray_pool.py's RayJobRunner: the same worker threads,
+each driving a Ray actor that does the work.
 """
 
 from __future__ import annotations
@@ -174,6 +176,12 @@ class ServerSettings:
     max_upload_bytes: int = 50 * 1024 * 1024  # the photo's bytes, decoded
     max_pixels: int = 64_000_000  # the photo's width x height, read from its header
     header_timeout_s: float = 10.0  # a connection must send a whole request header within this, or is closed
+    # --ray: the workers are Ray actors (engine/server/ray_pool.py) instead of threads on this machine's devices
+    ray: str | None = None  # None: local workers; "local": start a Ray cluster here; else a cluster's address
+    workers: int | None = None  # Ray workers (None: one per GPU of the cluster, or one CPU worker)
+    gpus_per_worker: float = 1.0  # below 1 puts several Ray workers on one GPU
+    max_attempts: int = 3  # runs of a job whose Ray worker keeps dying before it fails
+    worker_start_timeout_s: float = 300.0  # how long a job waits for its Ray worker to start
 
     @property
     def default_model(self) -> str:
@@ -233,6 +241,15 @@ def default_jobs_dir() -> Path:
 default_data_dir = default_jobs_dir
 
 
+def process_memory_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux /proc), or None where that cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def resource_error(exc: BaseException) -> dict | None:
     """{"problem", "fix"} for a job that ran out of GPU or CPU memory or disk space; None for anything else."""
     if _is_cpu_oom(exc):
@@ -285,7 +302,9 @@ class Reconstructor:
 
         self.settings = settings
         self._ModelCache = ModelCache
-        self._caches: dict[str, ModelCache] = {}  # device -> the Stable Diffusion model kept there between jobs
+        # (device, worker) -> the Stable Diffusion model that worker keeps on its device between jobs: one per GPU
+        # with one worker per GPU, and two workers listed on one device never share (nor swap) one model
+        self._caches: dict[tuple, ModelCache] = {}
         self._caches_lock = threading.Lock()
         self.prior_factory = prior_factory
 
@@ -297,9 +316,9 @@ class Reconstructor:
 
         return [str(resolve_device(self.settings.device))]
 
-    def models_for(self, device: str | None):
-        """The model cache of one device (each worker keeps its own model on its own GPU)."""
-        key = str(device or self.settings.device)
+    def models_for(self, device: str | None, worker: int | None = None):
+        """The model cache of one worker on its device (each worker keeps its own model on its own GPU)."""
+        key = (str(device or self.settings.device), worker)
         with self._caches_lock:
             if key not in self._caches:
                 self._caches[key] = self._ModelCache()
@@ -322,13 +341,13 @@ class Reconstructor:
         load_image(folder / job.input, self.config(job).matting)
 
     def __call__(self, job: JobSettings, folder: Path, report: Report, device: str | None = None,
-                 check_cancel: Callable[[], None] | None = None) -> None:
+                 check_cancel: Callable[[], None] | None = None, worker: int | None = None) -> None:
         import torch
 
         from ..pipeline import reconstruct, stable_diffusion_prior
 
         device = device or self.settings.device
-        models = self.models_for(device)
+        models = self.models_for(device, worker)
         on_gpu = str(device).startswith("cuda") and torch.cuda.is_available()
         if on_gpu and ":" in str(device):
             torch.cuda.set_device(torch.device(device))  # this worker thread's default GPU is its own
@@ -425,6 +444,8 @@ class JobStore:
         self._workers = [_Worker(i, device) for i, device in enumerate(devices)]
         self._runner_takes_device = _takes(runner, "device")
         self._runner_takes_cancel = _takes(runner, "check_cancel")
+        self._runner_takes_worker = _takes(runner, "worker")
+        self._runner_takes_note = _takes(runner, "note")
         self._resume_floor: dict[str, float] = {}  # job id -> its progress when resumed (not shown going back)
         self._lock = threading.Condition()
         self._jobs: dict[str, Job] = {}
@@ -666,6 +687,10 @@ class JobStore:
             extra["device"] = worker.device
         if self._runner_takes_cancel:
             extra["check_cancel"] = worker.check_cancel
+        if self._runner_takes_worker:
+            extra["worker"] = worker.index
+        if self._runner_takes_note:
+            extra["note"] = lambda text: self._note(job, text)
         try:
             self.runner(job.settings, self.jobs_dir / job.id, report, **extra)
         except JobCancelled:
@@ -718,6 +743,12 @@ class JobStore:
             self._touch(job, message=label)
             if new_stage:
                 self._persist(job)
+
+    def _note(self, job: Job, text: str) -> None:
+        """The runner's word on its running job (e.g. a Ray worker lost), shown as the job's message."""
+        with self._lock:
+            if job.state == RUNNING:
+                self._touch(job, message=text)
 
     # ------------------------------------------------------------------ bookkeeping (callers hold the lock)
 

@@ -90,10 +90,21 @@ class GpuMemory(BaseModel):
 
 
 class WorkerOut(BaseModel):
-    device: str = Field(description="cuda:0, cuda:1, ... or cpu")
+    device: str = Field(description="cuda:0, cuda:1, ... or cpu; ray:0, ray:1, ... for the workers of a Ray pool")
     gpu: Optional[str] = Field(None, description="the GPU's name; null on CPU")
     running: Optional[str] = Field(None, description="id of the job it runs now")
     model_loaded: Optional[str] = Field(None, description="the model kept loaded on this device")
+    model_loads: int = Field(0, description="times this worker loaded a model")
+    runs_on: Optional[str] = Field(None, description="the torch device the work runs on (a Ray worker's own: cuda "
+                                                     "or cpu); null until a Ray worker has reported")
+    gpu_memory: Optional[GpuMemory] = Field(None, description="its GPU's memory (a Ray worker's as it reports "
+                                                                "it); null on CPU")
+    memory_bytes: Optional[int] = Field(None, description="resident memory of the worker's process")
+    pid: Optional[int] = Field(None, description="the worker's process (the server's own for local workers)")
+    host: Optional[str] = Field(None, description="the machine it runs on")
+    ready: Optional[bool] = Field(None, description="Ray: its process is up; null for local workers")
+    replaced: int = Field(0, description="Ray: its workers that died and were replaced (their jobs went on)")
+    last_death: Optional[str] = Field(None, description="Ray: why the last one died")
 
 
 class Health(BaseModel):
@@ -112,3 +123,5 @@ class Health(BaseModel):
     loaded_model: Optional[str] = Field(None, description="id or folder of the loaded model")
     model_loads: int = Field(0, description="times a model was loaded since the server started")
     gpu_memory: Optional[GpuMemory] = Field(None, description="null on CPU")
+    pool: Literal["local", "ray"] = Field("local", description="local: worker threads on this machine's devices; "
+                                                               "ray: Ray actors (serve --ray)")
