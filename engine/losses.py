@@ -26,13 +26,6 @@ def mask_loss(opacity: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(opacity, target_mask)
 
 
-def carve_loss(opacity: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared opacity [H,W] where the mask [H,W] (at that size, grown by a pixel) has nothing."""
-    grown = F.max_pool2d(target_mask[None, None], 3, stride=1, padding=1)[0, 0]
-    empty = (grown <= 0.01).to(opacity.dtype)
-    return (opacity**2 * empty).sum() / empty.sum().clamp(min=1.0)
-
-
 def gaussian_kernel(size: int, sigma: float | None = None, device=None) -> torch.Tensor:
     sigma = sigma if sigma is not None else 0.3 * ((size - 1) * 0.5 - 1) + 0.8  # OpenCV's default for a size
     x = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2

@@ -154,7 +154,7 @@ class RealFusionSystem:
     def loss_weights(self, step: int) -> dict[str, float]:
         """Each term's weight at `step`: the config's, with SDS's effective schedule (`LossConfig.sds_schedule`)."""
         loss = self.cfg.loss
-        names = ("image", "mask", "carve", "normal_smooth_2d", "entropy", "orientation")
+        names = ("image", "mask", "empty_space", "normal_smooth_2d", "entropy", "orientation")
         weights = {name: getattr(loss, name) for name in names}
         weights["sds"] = loss.sds_weight(step, self.cfg.fit.iterations)
         return self.method.loss_weights(weights)  # the method's choice of terms (ConRad: no color image loss)
@@ -187,13 +187,13 @@ class RealFusionSystem:
         self.prepare_step()
         weights = self.loss_weights(self.step)
         terms: dict[str, torch.Tensor] = {}
-        if self.step % cfg.fit.ref_view_every == 0:
-            if weights["image"] > 0 or weights["mask"] > 0:
+        if weights["image"] > 0 or weights["mask"] > 0:
+            if self.step % cfg.fit.ref_view_every == 0:
                 terms.update(self._reference_terms())
-            if weights["carve"] > 0:
-                terms["carve"] = self._carve_term()
         if cfg.loss.sds > 0:
             terms.update(self._prior_terms())
+        if weights["empty_space"] > 0:
+            terms["empty_space"] = self._empty_space_term()
         return terms
 
     def training_step(self) -> dict[str, float]:
@@ -229,13 +229,14 @@ class RealFusionSystem:
             "mask": losses.mask_loss(out.opacity[0], self.reference.mask),
         }
 
-    def _carve_term(self) -> torch.Tensor:
-        """The reference view, coarse and through the whole box (no occupancy grid), empty where the photo is."""
-        size = self.cfg.render.carve_resolution
-        out = self.renderer.render(self.method.training_field(), None, self.ref_camera.with_resolution(size),
-                                   shading="albedo", with_normals=False, stratified=True)
-        target = F.interpolate(self.reference.mask[None, None], size=(size, size), mode="area")[0, 0]
-        return losses.carve_loss(out.opacity[0], target)
+    def _empty_space_term(self) -> torch.Tensor:
+        """Mean density at random points of the box that the occupancy grid calls empty (LossConfig.empty_space)."""
+        count, bound = self.cfg.loss.empty_space_points, self.cfg.field.bound
+        points = (torch.rand(count, 3, generator=self.generator) * 2.0 - 1.0).to(self.device) * bound
+        empty = points[~self.occupancy.is_occupied(points)]
+        if len(empty) == 0:
+            return torch.zeros((), device=self.device)
+        return self.method.training_field().density(empty).float().mean()
 
     def _prior_terms(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg

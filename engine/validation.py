@@ -219,7 +219,6 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     need(r.normal_min_weight >= 0, "render.normal_min_weight", "0 or more")
     between("render.ref_resolution", 8, 2048)
     between("render.random_resolution", 8, 2048)
-    between("render.carve_resolution", 1, 512)
     between("render.albedo_only_fraction", 0, 1)
     need(all(v >= 0 for v in r.shading_probs) and sum(r.shading_probs) > 0, "render.shading_probs",
          "three weights of 0 or more (albedo, lambertian, textureless), not all 0")
@@ -229,8 +228,9 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     one_of("loss.sds_schedule", ("gradscaler", "constant"))
     need(cfg.loss.sds_initial_scale > 0, "loss.sds_initial_scale", "above 0")
     need(0 < cfg.loss.sds_scale_growth_fraction <= 1, "loss.sds_scale_growth_fraction", "in (0, 1]")
-    for name in ("sds", "image", "mask", "carve", "normal_smooth_2d", "entropy", "orientation"):
+    for name in ("sds", "image", "mask", "empty_space", "normal_smooth_2d", "entropy", "orientation"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name}", "0 or more")
+    between("loss.empty_space_points", 1, 1 << 20)
     need(1 <= cfg.loss.normal_blur_kernel <= 99 and cfg.loss.normal_blur_kernel % 2 == 1,
          "loss.normal_blur_kernel", "an odd number from 1 to 99")
 
