@@ -30,7 +30,7 @@ from .config import ReconstructionConfig, build_config
 from .errors import DeviceError, EngineError, InputImageError
 from .outputs import STATUS_FILE, OutputDir, atomic_write_json
 from . import ray_cluster
-from .ray_cluster import first_line as _first_line, import_ray as _import_ray
+from .ray_cluster import check_gpu_share, first_line as _first_line, import_ray as _import_ray
 
 log = logging.getLogger("realfusion.batch")
 
@@ -459,9 +459,7 @@ class _RayPool:
             raise DeviceError("--device cuda was asked for, but the Ray cluster has no GPU.",
                               "Start the Ray nodes on GPU machines, or use --device cpu (much slower).")
         share = settings.gpus_per_worker
-        if share <= 0 or (share > 1 and share != int(share)):
-            raise EngineError(f"--gpus-per-worker {settings.gpus_per_worker} is not understood.",
-                              "Use 1 (the default), a fraction such as 0.5, or a whole number.")
+        check_gpu_share(share)
         self.use_gpu = settings.device != "cpu" and gpus > 0
         workers = settings.workers or (max(1, int(gpus / settings.gpus_per_worker)) if self.use_gpu else 1)
         self.count = max(1, min(workers, len(todo)))

@@ -49,14 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     bat.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set fit.iterations=500 (repeatable)")
     bat.add_argument("--cache-dir", type=Path, help="where learned embeddings are cached (default ~/.cache/realfusion)")
-    bat.add_argument("--ray", metavar="ADDRESS|local", help="run on Ray: the address of a running cluster "
-                                                            "(host:6379, auto), or local to start one here")
-    bat.add_argument("--workers", type=int, help="Ray workers (implies --ray local when --ray is not given; "
-                                                 "default: one per GPU of the cluster, or 1 on CPU)")
-    bat.add_argument("--gpus-per-worker", type=float, default=1.0,
-                     help="GPU share of a Ray worker (default 1; 0.5 puts two workers on each GPU)")
-    bat.add_argument("--max-attempts", type=int, default=3,
-                     help="runs of a photo whose worker keeps dying before it is reported failed (default 3)")
+    _add_ray_arguments(bat, "photo", "run on Ray: the address of a running cluster (host:6379, auto), or local to "
+                                     "start one here")
 
     demo = commands.add_parser("demo", help="offline demo: reconstruct a bundled synthetic object with the "
                                             "oracle prior (no weights needed), export it and score it")
@@ -86,15 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-megapixels", type=float, default=64.0,
                      help="largest photo accepted, in millions of pixels (default 64)")
     srv.add_argument("--header-timeout", type=float, default=10.0, help=argparse.SUPPRESS)  # tests: seconds
-    srv.add_argument("--ray", metavar="ADDRESS|local", help="run the jobs on Ray workers instead of this machine's "
-                                                            "devices: a running cluster's address, or local to start "
-                                                            "one here (the data folder must be on every node)")
-    srv.add_argument("--workers", type=int, help="Ray workers (implies --ray local; default: one per GPU of the "
-                                                 "cluster, or 1 on CPU)")
-    srv.add_argument("--gpus-per-worker", type=float, default=1.0,
-                     help="GPU share of a Ray worker (default 1; 0.5 puts two workers on each GPU)")
-    srv.add_argument("--max-attempts", type=int, default=3,
-                     help="runs of a job whose Ray worker keeps dying before it fails (default 3)")
+    _add_ray_arguments(srv, "job", "run the jobs on Ray workers instead of this machine's devices: a running "
+                                   "cluster's address, or local to start one here (the data folder must be on every node)")
 
     exp = commands.add_parser("export", help="write the reconstructed object as a textured mesh (GLB or OBJ) with "
                                              "its camera; `reconstruct` runs this at its end")
@@ -121,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--views", type=int, default=8, help="turntable views compared with the ground truth (default 8)")
     ev.add_argument("--resolution", type=int, default=256, help="side of the compared images in pixels (default 256)")
     return parser
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser, unit: str, ray_help: str) -> None:
+    """The Ray pool's options, alike for `batch` (a photo per task) and `serve` (a job per task)."""
+    parser.add_argument("--ray", metavar="ADDRESS|local", help=ray_help)
+    parser.add_argument("--workers", type=int, help="Ray workers (implies --ray local when --ray is not given; "
+                                                    "default: one per GPU of the cluster, or 1 on CPU)")
+    parser.add_argument("--gpus-per-worker", type=float, default=1.0,
+                        help="GPU share of a Ray worker (default 1; 0.5 puts two workers on each GPU)")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help=f"runs of a {unit} whose worker keeps dying before it is reported failed (default 3)")
 
 
 def make_config(args):

@@ -47,6 +47,13 @@ def connect(address: str | None, workers: int | None = None, what: str = "A Ray 
     return True
 
 
+def check_gpu_share(share: float) -> None:
+    """--gpus-per-worker: a fraction of one GPU, or a whole number of them."""
+    if share <= 0 or (share > 1 and share != int(share)):
+        raise EngineError(f"--gpus-per-worker {share} is not understood.",
+                          "Use 1 (the default), a fraction such as 0.5, or a whole number.")
+
+
 def check_reachable(address: str, fix: str, timeout_s: float = 10.0) -> None:
     """A host:port nobody listens on fails here in seconds (Ray itself keeps retrying for minutes)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")

@@ -27,7 +27,7 @@ from typing import Callable
 
 from ..errors import DeviceError, EngineError
 from ..progress import Progress
-from ..ray_cluster import connect, first_line, import_ray
+from ..ray_cluster import check_gpu_share, connect, first_line, import_ray
 from .jobs import (JobCancelled, JobSettings, Reconstructor, ServerSettings, overall_progress, process_memory_bytes,
                    resource_error)
 
@@ -166,9 +166,7 @@ class RayJobRunner:
                 raise DeviceError("--device cuda was asked for, but the Ray cluster has no GPU.",
                                   "Start the Ray nodes on GPU machines, or leave --device out (CPU workers).")
             share = settings.gpus_per_worker
-            if share <= 0 or (share > 1 and share != int(share)):
-                raise EngineError(f"--gpus-per-worker {share} is not understood.",
-                                  "Use 1 (the default), a fraction such as 0.5, or a whole number.")
+            check_gpu_share(share)
             if settings.workers is not None and settings.workers < 1:
                 raise EngineError("--workers must be at least 1.", "Use --workers N with N >= 1, or leave it out.")
             self.use_gpu = settings.device != "cpu" and gpus > 0
