@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -208,3 +209,25 @@ def test_the_mesh_of_a_constrained_field_shows_the_photo_where_the_reference_cam
     rgb = torch.nn.functional.avg_pool2d(torch.as_tensor(rgb).permute(0, 3, 1, 2), 4)[0].permute(1, 2, 0).numpy()
     inside = torch.nn.functional.max_pool2d(1.0 - mask[None, None], 5, 1, 2)[0, 0].numpy() == 0  # 2 px from the rim
     assert image_psnr(rgb[inside], photo.numpy()[inside]) > 30.0
+
+
+def test_the_mesh_depth_map_is_the_nearest_surface_along_the_cameras_axis():
+    import trimesh
+
+    from engine.export.bake import mesh_depth
+    from engine.fields.constrained import EMPTY_DEPTH
+
+    camera = reference_camera(CameraConfig(), SIZE)
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    behind = camera.c2w[0, :3, 3].numpy() - 0.5 * (-camera.c2w[0, :3, 2].numpy())  # a face behind the camera
+    vertices = np.concatenate([ball.vertices, behind + np.array([[0.0, 0, 0], [2.0, 0, 0], [0, 0, 2.0]])])
+    faces = np.concatenate([ball.faces, [[len(ball.vertices), len(ball.vertices) + 1, len(ball.vertices) + 2]]])
+    depth = torch.as_tensor(mesh_depth(vertices, faces, camera)).reshape(-1)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    forward = -camera.c2w[0, :3, 2]
+    hit = torch.isfinite(t_true)
+    miss_distance = (origins - (origins * dirs).sum(-1, keepdim=True) * dirs).norm(dim=-1)
+    clear = miss_distance < 0.9 * 0.4
+    expected = t_true * (dirs @ forward)
+    assert bool(((depth - expected).abs()[clear] < 2e-3).all())  # the chords of a fine icosphere
+    assert bool((depth[~hit & (miss_distance > 0.41)] == EMPTY_DEPTH).all())

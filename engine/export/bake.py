@@ -19,18 +19,20 @@ from ..fields.constrained import EMPTY_DEPTH, ConstrainedField
 from .texture import rasterize
 
 DEPTH_SUPERSAMPLE = 2  # the mesh's depth map has this many pixels a side per photo pixel
+NEAR_PLANE = 1e-3  # world units in front of the camera
 
 
 def mesh_depth(vertices: np.ndarray, faces: np.ndarray, camera: Cameras) -> np.ndarray:
     """Depth [H,W] along `camera[0]`'s axis of the nearest face through each pixel center (perspective-correct,
-    z-buffered); EMPTY_DEPTH where no face covers the pixel. Vertices behind the camera are not handled
-    (the reference camera sees the whole object)."""
+    z-buffered); EMPTY_DEPTH where no face covers the pixel. Faces reaching behind the camera's near plane
+    are left out (the photo sees nothing there; their projection would fold over the image)."""
     height, width = camera.height, camera.width
     points = torch.as_tensor(vertices, dtype=torch.float32)
     pixels = camera[0].project(points)[0].numpy()
     w2c = torch.linalg.inv(camera.c2w[0])
     z = -(points @ w2c[:3, :3].T + w2c[:3, 3])[:, 2].double().numpy()
     depth = np.full(height * width, EMPTY_DEPTH)
+    faces = faces[(z[faces] > NEAR_PLANE).all(1)]
     fragments = rasterize(pixels[faces], width, height)
     if len(fragments.pixel):
         inverse = (fragments.barycentric / z[faces[fragments.face]]).sum(-1)  # 1/z is linear on the screen
