@@ -81,9 +81,26 @@ def run_one(out: Path, obj: str, preset: str, method: str, device: str, override
         "fscore": geometry["fscore"], "chamfer": geometry["chamfer"],
         # eval.json's own field scores (field_reference.png, at the fit's reference render size), where present
         "field_reference_psnr_fit_size": (reference.get("field") or {}).get("psnr"),
-        **field_reference_scores(out, device),
+        "field_reference_iou_fit_size": (reference.get("field") or {}).get("mask_iou"),
+        **field_render_scores(out, device),
     })
     return row
+
+
+FIELD_RENDER_LOCK = threading.Lock()  # one full-size field render at a time in this process: its peak is large
+
+
+def field_render_scores(outdir: Path, device: str) -> dict:
+    """field_reference_scores, one run at a time, its GPU memory handed back afterwards (runs still going on
+    the same GPU need it)."""
+    import torch
+
+    with FIELD_RENDER_LOCK:
+        try:
+            return field_reference_scores(outdir, device)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def field_reference_scores(outdir: Path, device: str) -> dict:
@@ -145,16 +162,17 @@ def markdown_table(rows: list[dict], device: str) -> str:
 
     lines = [f"Oracle prior, `realfusion demo`, device {device}. Reference view: against the input; novel views: "
              "7 turntable views against the ground truth; F-score at 0.05.", "",
-             "| object | preset | method | mesh ref PSNR | mesh ref SSIM | field ref PSNR | field ref SSIM | "
+             "| object | preset | method | mesh ref PSNR | mesh ref SSIM | mesh ref IoU | field ref PSNR | field ref SSIM | "
              "novel PSNR | F-score | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("exit_code") != 0:
             lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | failed (exit {r['exit_code']}) "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | {fmt(r['mesh_reference_psnr'])} | "
-                     f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['field_reference_psnr'])} | "
+                     f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['mesh_reference_iou'], '.3f')} | "
+                     f"{fmt(r['field_reference_psnr'])} | "
                      f"{fmt(r['field_reference_ssim'], '.3f')} | {fmt(r['novel_psnr'])} | {fmt(r['fscore'], '.3f')} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -202,6 +220,8 @@ def main() -> int:
     parser.add_argument("--runs-per-gpu", type=int, default=1,
                         help="runs sharing each GPU at once (e.g. 16 on one H200; the runs get "
                              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless it is set)")
+    parser.add_argument("--no-retry-oom", dest="retry_oom", action="store_false",
+                        help="do not run again, at the end, the runs that ran out of GPU memory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                         help="an override for one method's runs only, e.g. conrad:conrad.outside_mask=field")
@@ -245,6 +265,14 @@ def main() -> int:
 
     with ThreadPoolExecutor(len(gpus)) as pool:
         rows = list(pool.map(work, jobs))
+    # A run that ran out of GPU memory because others on its GPU peaked at the same time goes again, once,
+    # with only the other such runs beside it.
+    again = [i for i, r in enumerate(rows) if r.get("exit_code") != 0 and "OutOfMemoryError" in r.get("error", "")]
+    if again and args.retry_oom:
+        print(f"{len(again)} run(s) ran out of GPU memory; running them again", flush=True)
+        with ThreadPoolExecutor(len(gpus)) as pool:
+            for i, row in zip(again, pool.map(work, [jobs[i] for i in again])):
+                rows[i] = {**row, "retried_after_oom": True}
 
     for obj in args.objects:
         for preset in args.presets:
