@@ -1,7 +1,7 @@
 """RealFusion against ConRad on every harness object with the oracle prior: one table, contact sheets side by side.
 
     python bench/compare_methods.py --device cuda [--presets demo fast] [--objects box mug figure]
-                                    [--methods realfusion conrad] [--gpus 0,1,2,3] [--set section.key=value ...]
+                                    [--methods realfusion conrad] [--gpus 0,1,2,3] [--runs-per-gpu N] [--set section.key=value ...]
                                     [--method-set conrad:conrad.outside_mask=field] [--tag NAME] [--readme]
 
 Each run is the real command line, `realfusion demo -o DIR --object O --preset P --method M --restart`
