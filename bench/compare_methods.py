@@ -1,7 +1,7 @@
 """RealFusion against ConRad on every harness object with the oracle prior: one table, contact sheets side by side.
 
     python bench/compare_methods.py --device cuda [--presets demo fast] [--objects box mug figure]
-                                    [--methods realfusion conrad] [--gpus 0,1,2,3] [--set section.key=value ...]
+                                    [--methods realfusion conrad] [--gpus 0,1,2,3] [--runs-per-gpu N] [--set section.key=value ...]
                                     [--method-set conrad:conrad.outside_mask=field] [--tag NAME] [--readme]
 
 Each run is the real command line, `realfusion demo -o DIR --object O --preset P --method M --restart`
@@ -14,7 +14,8 @@ camera at the input's size over white, against reference.png over white.
 Writes bench/results/methods_<device>.json, a markdown table methods_<device>.md, and per object and preset
 a contact sheet methods_<device>/<object>_<preset>.png (one eval.png per method, stacked in --methods order:
 rows input / reconstruction / ground truth). --readme replaces the table in README.md between its
-`<!-- methods-table -->` markers. --gpus runs that many runs at once, one per GPU.
+`<!-- methods-table -->` markers. --gpus runs that many runs at once, one per GPU; --runs-per-gpu N puts N
+runs on each (all 16 runs of the default set on one H200: --gpus 0 --runs-per-gpu 16).
 """
 
 from __future__ import annotations
@@ -47,13 +48,18 @@ def device_slug(device: str) -> str:
     return "cpu"
 
 
-def run_one(out: Path, obj: str, preset: str, method: str, device: str, overrides: list[str], gpu: str | None) -> dict:
-    """One `realfusion demo` in a subprocess; its scores, or the error it ended with."""
+def run_one(out: Path, obj: str, preset: str, method: str, device: str, overrides: list[str], gpu: str | None,
+            concurrent: int = 1) -> dict:
+    """One `realfusion demo` in a subprocess (one of `concurrent` at once); its scores, or the error it ended with."""
     args = [sys.executable, "-m", "engine.cli", "demo", "-o", str(out), "--object", obj, "--preset", preset,
             "--method", method, "--device", device, "--restart"]
     for override in overrides:
         args += ["--set", override]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # runs sharing a GPU: freed blocks go back to the pool whole, so their peaks do not fragment it
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # CPU threads per run (torch, numpy): the runs share the host's cores
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // concurrent)))
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     out.mkdir(parents=True, exist_ok=True)
@@ -75,9 +81,26 @@ def run_one(out: Path, obj: str, preset: str, method: str, device: str, override
         "fscore": geometry["fscore"], "chamfer": geometry["chamfer"],
         # eval.json's own field scores (field_reference.png, at the fit's reference render size), where present
         "field_reference_psnr_fit_size": (reference.get("field") or {}).get("psnr"),
-        **field_reference_scores(out, device),
+        "field_reference_iou_fit_size": (reference.get("field") or {}).get("mask_iou"),
+        **field_render_scores(out, device),
     })
     return row
+
+
+FIELD_RENDER_LOCK = threading.Lock()  # one full-size field render at a time in this process: its peak is large
+
+
+def field_render_scores(outdir: Path, device: str) -> dict:
+    """field_reference_scores, one run at a time, its GPU memory handed back afterwards (runs still going on
+    the same GPU need it)."""
+    import torch
+
+    with FIELD_RENDER_LOCK:
+        try:
+            return field_reference_scores(outdir, device)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def field_reference_scores(outdir: Path, device: str) -> dict:
@@ -139,16 +162,17 @@ def markdown_table(rows: list[dict], device: str) -> str:
 
     lines = [f"Oracle prior, `realfusion demo`, device {device}. Reference view: against the input; novel views: "
              "7 turntable views against the ground truth; F-score at 0.05.", "",
-             "| object | preset | method | mesh ref PSNR | mesh ref SSIM | field ref PSNR | field ref SSIM | "
+             "| object | preset | method | mesh ref PSNR | mesh ref SSIM | mesh ref IoU | field ref PSNR | field ref SSIM | "
              "novel PSNR | F-score | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("exit_code") != 0:
             lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | failed (exit {r['exit_code']}) "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | {fmt(r['mesh_reference_psnr'])} | "
-                     f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['field_reference_psnr'])} | "
+                     f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['mesh_reference_iou'], '.3f')} | "
+                     f"{fmt(r['field_reference_psnr'])} | "
                      f"{fmt(r['field_reference_ssim'], '.3f')} | {fmt(r['novel_psnr'])} | {fmt(r['fscore'], '.3f')} | "
                      f"{r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -193,6 +217,11 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--gpus", help="comma-separated GPU indices: one run on each at a time (default: one run)")
+    parser.add_argument("--runs-per-gpu", type=int, default=1,
+                        help="runs sharing each GPU at once (e.g. 16 on one H200; the runs get "
+                             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless it is set)")
+    parser.add_argument("--no-retry-oom", dest="retry_oom", action="store_false",
+                        help="do not run again, at the end, the runs that ran out of GPU memory")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                         help="an override for one method's runs only, e.g. conrad:conrad.outside_mask=field")
@@ -209,9 +238,13 @@ def main() -> int:
             parser.error(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of {list(METHODS)}")
         per_method.setdefault(method, []).append(override)
     jobs = [(o, p, m) for o in args.objects for p in args.presets for m in args.methods]
-    gpus = args.gpus.split(",") if args.gpus else [None]
+    if args.runs_per_gpu < 1:
+        parser.error("--runs-per-gpu must be 1 or more")
+    gpus = (args.gpus.split(",") if args.gpus else [None]) * args.runs_per_gpu
     free = list(gpus)
+    concurrent = max(1, min(len(gpus), len(jobs)))
     lock = threading.Lock()
+    done: list[dict] = []
 
     def work(job):
         obj, preset, method = job
@@ -219,15 +252,27 @@ def main() -> int:
             gpu = free.pop()
         try:
             row = run_one(args.workdir / slug / f"{obj}_{preset}_{method}", obj, preset, method,
-                          args.device, args.overrides + per_method.get(method, []), gpu)
+                          args.device, args.overrides + per_method.get(method, []), gpu, concurrent)
         finally:
             with lock:
                 free.append(gpu)
         print(json.dumps({k: v for k, v in row.items() if k != "error"}), flush=True)
+        with lock:  # what has finished so far survives a run cut short (a time limit, a lost machine)
+            done.append(row)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"methods_{slug}_partial.json").write_text(json.dumps({"device": slug, "runs": done}, indent=2))
         return row
 
     with ThreadPoolExecutor(len(gpus)) as pool:
         rows = list(pool.map(work, jobs))
+    # A run that ran out of GPU memory because others on its GPU peaked at the same time goes again, once,
+    # with only the other such runs beside it.
+    again = [i for i, r in enumerate(rows) if r.get("exit_code") != 0 and "OutOfMemoryError" in r.get("error", "")]
+    if again and args.retry_oom:
+        print(f"{len(again)} run(s) ran out of GPU memory; running them again", flush=True)
+        with ThreadPoolExecutor(len(gpus)) as pool:
+            for i, row in zip(again, pool.map(work, [jobs[i] for i in again])):
+                rows[i] = {**row, "retried_after_oom": True}
 
     for obj in args.objects:
         for preset in args.presets:
@@ -239,6 +284,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
     (RESULTS / f"methods_{slug}.md").write_text(table)
+    (RESULTS / f"methods_{slug}_partial.json").unlink(missing_ok=True)
     if args.readme:
         update_readme(table)
     print(table)

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,79 @@ def test_where_the_photo_shows_no_object_a_point_takes_the_background_or_the_fie
     color = constrained(points)[1]
     expected = torch.ones_like(color) if outside_mask == "background" else field(points)[1]
     assert torch.allclose(color, expected, atol=1e-6)
+
+
+def test_a_hidden_point_next_to_the_outline_keeps_the_fields_albedo():
+    """Between a pixel that sees the ball and one that sees nothing, a point behind the ball's surface is hidden:
+    blending the two depths (the ball's and EMPTY_DEPTH) would put the surface far behind it and hand it the
+    photo's outline and background colors (white bands on the sides of the object in other views)."""
+    constrained, field, camera, photo = constrained_ball(delta=0.05)
+    depth = constrained.depth[0, 0]
+    covered = depth < 1e3  # the pixel's ray meets the ball
+    rows, cols = torch.nonzero(covered[:, :-1] & ~covered[:, 1:], as_tuple=True)  # covered, its right one not
+    assert len(rows) > 5
+    forward = -camera.c2w[0, :3, 2]
+    focal = float(camera.focal_px()[0])
+    x = (cols.float() + 1.0 - 0.5 * SIZE) / focal  # halfway between the two pixel centers (camera coordinates)
+    y = -(rows.float() + 0.5 - 0.5 * SIZE) / focal
+    c2w = camera.c2w[0]
+    ray = torch.nn.functional.normalize(torch.stack([x, y, -torch.ones_like(x)], -1) @ c2w[:3, :3].T, dim=-1)
+    z = depth[rows, cols] + 0.2  # 0.2 behind the surface the covered pixel sees, along the camera's axis
+    points = c2w[:3, 3] + ray * (z / (ray @ forward))[:, None]
+    color = constrained(points)[1]
+    assert torch.equal(color, field(points)[1])
+
+
+def test_the_mesh_of_a_constrained_field_shows_the_photo_where_the_reference_camera_sees_it(tmp_path):
+    """The export bakes from the mesh's own depth in the reference view: even where the field's estimated
+    surface lies in front of the mesh (a soft part the iso-surface leaves out, like the bird's beak), every
+    texel the camera sees takes the photo's pixel, so the mesh reproduces the photo in the reference view."""
+    from engine.config import ExportConfig
+    from engine.export import export_field
+    from engine.harness.evaluate import load_exported_mesh
+    from engine.harness.mesh_render import render_mesh
+    from engine.harness.metrics import psnr as image_psnr
+
+    size = 64
+    field = BallField(radius=0.4)
+    camera = reference_camera(CameraConfig(), size)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    mask = torch.isfinite(t_true).reshape(size, size).float()
+    u = torch.linspace(0.0, 1.0, size)
+    pattern = torch.stack([u[None, :].expand(size, size), u[:, None].expand(size, size),
+                           0.5 + 0.4 * torch.sin(12 * u)[None, :].expand(size, size)], -1)  # unlike the ball's albedo
+    photo = pattern * mask[..., None] + (1.0 - mask[..., None])
+    forward = -camera.c2w[0, :3, 2]
+    depth = torch.where(torch.isfinite(t_true), t_true * (dirs @ forward) - 0.15, torch.full_like(t_true, 1e4))
+    constrained = ConstrainedField(field, camera.c2w[0], float(camera.fovy[0]), photo, mask, 0.03,
+                                   depth=depth.reshape(size, size), bound=field.bound)
+    export_field(constrained, field.bound, camera, tmp_path, ExportConfig(resolution=64, texture_size=256,
+                                                                          max_faces=4000))
+    mesh = load_exported_mesh(tmp_path)
+    fine = camera.with_resolution(4 * size, 4 * size)
+    rgb, covered = render_mesh(mesh.vertices, mesh.faces, fine, mesh.uv, mesh.texture)
+    rgb = torch.nn.functional.avg_pool2d(torch.as_tensor(rgb).permute(0, 3, 1, 2), 4)[0].permute(1, 2, 0).numpy()
+    inside = torch.nn.functional.max_pool2d(1.0 - mask[None, None], 5, 1, 2)[0, 0].numpy() == 0  # 2 px from the rim
+    assert image_psnr(rgb[inside], photo.numpy()[inside]) > 30.0
+
+
+def test_the_mesh_depth_map_is_the_nearest_surface_along_the_cameras_axis():
+    import trimesh
+
+    from engine.export.bake import mesh_depth
+    from engine.fields.constrained import EMPTY_DEPTH
+
+    camera = reference_camera(CameraConfig(), SIZE)
+    ball = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    behind = camera.c2w[0, :3, 3].numpy() - 0.5 * (-camera.c2w[0, :3, 2].numpy())  # a face behind the camera
+    vertices = np.concatenate([ball.vertices, behind + np.array([[0.0, 0, 0], [2.0, 0, 0], [0, 0, 2.0]])])
+    faces = np.concatenate([ball.faces, [[len(ball.vertices), len(ball.vertices) + 1, len(ball.vertices) + 2]]])
+    depth = torch.as_tensor(mesh_depth(vertices, faces, camera)).reshape(-1)
+    t_true, origins, dirs = true_ball_hits(camera, 0.4)
+    forward = -camera.c2w[0, :3, 2]
+    hit = torch.isfinite(t_true)
+    miss_distance = (origins - (origins * dirs).sum(-1, keepdim=True) * dirs).norm(dim=-1)
+    clear = miss_distance < 0.9 * 0.4
+    expected = t_true * (dirs @ forward)
+    assert bool(((depth - expected).abs()[clear] < 2e-3).all())  # the chords of a fine icosphere
+    assert bool((depth[~hit & (miss_distance > 0.41)] == EMPTY_DEPTH).all())

@@ -30,6 +30,7 @@ from ..device import resolve_device
 from ..field_file import FIELD_FILE, load_field
 from ..methods import method_for
 from ..progress import Progress, ProgressCallback
+from .bake import bake_source
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
 from .mesh import DensityField, Outline, extract_surface, object_bound
 from .placement import Placement, camera_description
@@ -145,13 +146,14 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
                               cfg.min_component_fraction, device, progress, outline)
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
+    colors = bake_source(field, surface.vertices, surface.faces)  # ConRad: the photo on what the camera sees of the mesh
     if cfg.vertex_colors:
         data = MeshData(placement.apply(surface.vertices), normals, surface.faces,
-                        colors=albedo_at(field, surface.vertices, device))
+                        colors=albedo_at(colors, surface.vertices, device))
     else:
         uv_mesh = unwrap(surface.vertices, surface.faces)
         progress("unwrap")
-        texture = bake_albedo(field, surface.vertices, uv_mesh, cfg.texture_size, device)
+        texture = bake_albedo(colors, surface.vertices, uv_mesh, cfg.texture_size, device)
         data = MeshData(placement.apply(surface.vertices[uv_mesh.source]), normals[uv_mesh.source], uv_mesh.faces,
                         uv=uv_mesh.uv, texture=to_uint8(texture))
     progress("color")

@@ -173,10 +173,41 @@ class ConstrainedField(nn.Module):
         grid = coords.to(image.dtype)[None, None]  # [1,1,N,2]
         return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
 
+    def surface_depth(self, coords: torch.Tensor) -> torch.Tensor:
+        """The visible surface's depth [N] at grid_sample coordinates [N,2]: the nearest of the depth-map pixels
+        that bilinear filtering would blend (those with a weight above zero).
+
+        Blending depths across an outline (the surface next to a ray that meets nothing, EMPTY_DEPTH) or across
+        a self-occlusion edge puts the "surface" far behind both sides, so hidden points there (the object's
+        sides and back, seen at a grazing angle from the reference camera) took the photo's outline and
+        background colors; the nearest depth keeps them the field's own.
+        """
+        depth = self.depth[0, 0]
+        h, w = depth.shape
+        px = ((coords[:, 0].float() + 1.0) * w - 1.0) * 0.5  # pixel index units, centers at integers
+        py = ((coords[:, 1].float() + 1.0) * h - 1.0) * 0.5
+        x0, y0 = px.floor(), py.floor()
+        fx, fy = px - x0, py - y0
+        nearest = torch.full_like(px, float("inf"))
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            for dy, wy in ((0, 1.0 - fy), (1, fy)):
+                xi = (x0.long() + dx).clamp(0, w - 1)
+                yi = (y0.long() + dy).clamp(0, h - 1)
+                value = torch.where((wx > 0) & (wy > 0), depth[yi, xi], torch.full_like(px, float("inf")))
+                nearest = torch.minimum(nearest, value)
+        return nearest
+
+    def with_depth(self, depth: torch.Tensor) -> "ConstrainedField":
+        """The same field, photo and camera with another depth map of the visible surface (e.g. the exported
+        mesh's own, so its texture takes the photo wherever the mesh itself is seen)."""
+        state = {**self.saved_state(), "depth": depth}
+        other = ConstrainedField.from_saved_state(self.field, state)
+        return other.to(self.c2w.device)
+
     def constrained(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(whether each point [N] takes the photo's color, that color [N,3])."""
         coords, z, seen = self.project(x)
-        surface = self._sample(self.depth, coords)[:, 0]
+        surface = self.surface_depth(coords)
         in_front = seen & (z < surface + self.delta)
         if self.outside_mask == "field":
             in_front = in_front & (self._sample(self.mask, coords)[:, 0] >= MIN_ALPHA)
