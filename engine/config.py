@@ -122,11 +122,6 @@ class FieldConfig:
     blob_radius: float = 0.2
     backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else triton on CUDA, else torch
     bg_hidden_dim: int = 32
-    # Official: biases (stable-dreamfusion's MLP). Without them (as tinycudann's fully fused MLP, InstantNGP's)
-    # space whose hash entries the fit never touched reads exactly exp(0 + blob), whatever the MLP learns;
-    # with them, raising the object's density raises all of empty space's with it (tested), a haze that the
-    # occupancy grid then has to march (measured on the CPU demo: median 1.00 for 64 steps, against 1.11 -> 1.15).
-    mlp_bias: bool = False
 
 
 @dataclass

@@ -48,8 +48,6 @@ def load_field(path: Path, device: torch.device) -> tuple[torch.nn.Module, Recon
 
     state = torch.load(path, map_location=device, weights_only=False)
     cfg = ReconstructionConfig.from_dict(state["config"])
-    if "mlp_bias" not in state["config"].get("field", {}):
-        cfg.field.mlp_bias = True  # written before the setting existed, when the MLP had biases
     field = RadianceField(cfg.field).to(device)
     field.load_state_dict(state["field"])
     if state.get("occupancy") is not None:  # empty space as the renderer saw it: the export keeps it empty

@@ -27,11 +27,11 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int, layers: int, bias: bool = True) -> nn.Sequential:
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
     dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
     modules: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        modules.append(nn.Linear(a, b, bias=bias))
+        modules.append(nn.Linear(a, b, bias=True))
         if i < len(dims) - 2:
             modules.append(nn.ReLU(inplace=True))
     return nn.Sequential(*modules)
@@ -46,7 +46,7 @@ class RadianceField(nn.Module):
         self.bound = cfg.bound
         self.encoding = make_hash_grid(cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size,
                                        cfg.base_resolution, cfg.finest_resolution, backend=cfg.backend)
-        self.net = mlp(self.encoding.output_dim, 4, cfg.hidden_dim, cfg.num_layers, bias=cfg.mlp_bias)
+        self.net = mlp(self.encoding.output_dim, 4, cfg.hidden_dim, cfg.num_layers)
         self.register_buffer("level_mask", torch.ones(self.encoding.output_dim), persistent=False)
 
     @property
