@@ -89,12 +89,14 @@ def train_denoiser(bank, vae, tokenizer, steps: int, batch: int, generator, devi
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 300))
     ema = [p.detach().clone() for p in params]
-    started, losses = time.perf_counter(), []
+    started, losses, token_ids = time.perf_counter(), [], {}
     done = 0
     for step in range(steps):
         data = sample_batch(bank, batch, generator)
-        ids = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
+        for text in set(data.captions) - token_ids.keys():  # the captions are few: tokenize each once
+            token_ids[text] = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids[0]
+        ids = torch.stack([token_ids[text] for text in data.captions]).to(device)
         with torch.no_grad():
             latents = vae.encode(data.images * 2 - 1).latent_dist.sample(generator) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=device)

@@ -123,10 +123,12 @@ def _render_shape(args) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
 
 
 def render_geometry(views_per_shape: int, resolution: int, seed: int, workers: int = 1,
-                    chunk: int = 100) -> GeometryBank:
-    """Ray cast every shape from `views_per_shape` training cameras at `resolution` (the fine size)."""
+                    chunk: int = 100, shapes: tuple[str, ...] = tuple(SHAPES)) -> GeometryBank:
+    """Ray cast `shapes` from `views_per_shape` training cameras at `resolution` (the fine size)."""
     jobs = [(shape, min(chunk, views_per_shape - start), seed * 1000 + s * 100 + start // chunk, resolution)
-            for s, shape in enumerate(SHAPES) for start in range(0, views_per_shape, chunk)]
+            for s, shape in enumerate(shapes) for start in range(0, views_per_shape, chunk)]
+    for shape in shapes:  # framed once here, so the forked workers share the result
+        shape_mesh(shape)
     if workers > 1:
         import multiprocessing
 
@@ -134,13 +136,12 @@ def render_geometry(views_per_shape: int, resolution: int, seed: int, workers: i
             results = pool.map(_render_shape, jobs)
     else:
         results = [_render_shape(job) for job in jobs]
-    per_shape = len(results) // len(SHAPES)
+    per_shape = len(results) // len(shapes)
     group = lambda i: results[i * per_shape:(i + 1) * per_shape]  # noqa: E731
-    coverage = torch.stack([torch.from_numpy(np.concatenate([r[0] for r in group(i)])) for i in range(len(SHAPES))])
-    normals = torch.stack([torch.from_numpy(np.concatenate([r[1] for r in group(i)])) for i in range(len(SHAPES))])
-    positions = torch.stack([torch.from_numpy(np.concatenate([r[2] for r in group(i)])) for i in range(len(SHAPES))])
-    views = [sum((r[3] for r in group(i)), []) for i in range(len(SHAPES))]
-    return GeometryBank(list(SHAPES), coverage, normals, positions.float(), views)
+    stack = lambda k: torch.stack([torch.from_numpy(np.concatenate([r[k] for r in group(i)]))  # noqa: E731
+                                   for i in range(len(shapes))])
+    views = [sum((r[3] for r in group(i)), []) for i in range(len(shapes))]
+    return GeometryBank(list(shapes), stack(0), stack(1), stack(2).float(), views)
 
 
 @dataclass
@@ -202,7 +203,7 @@ def sample_batch(bank: GeometryBank, batch: int, generator: torch.Generator, *, 
     device = bank.coverage.device
     cpu = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator, device=device)))
     colors, shapes = list(COLORS), bank.shapes
-    held = (colors.index(HELD_OUT[0]), shapes.index(HELD_OUT[1]))
+    held = (colors.index(HELD_OUT[0]), shapes.index(HELD_OUT[1]) if HELD_OUT[1] in shapes else -1)
     views_per_shape = bank.coverage.shape[1]
     shape_idx, color_idx, modes, captions = [], [], [], []
     while len(shape_idx) < batch:
