@@ -83,6 +83,8 @@ def cmd_ti(args) -> None:
     device = torch.device(args.device)
     run = Path(args.run)
     cfg = json.loads((run / "config.json").read_text())["textual_inversion"]
+    # the object from many views (forked ray casting: before CUDA starts in this process)
+    bank = render_geometry(args.renders, 128, 7, workers=args.workers, shapes=(HELD_OUT[1],)).to(device)
     sd = load_stable_diffusion(args.model, device, "fp32")
     learned = LearnedEmbedding.load(run / "embedding.pt")
     token_id = add_placeholder_token(sd, learned.placeholder, learned.initializer)
@@ -94,7 +96,7 @@ def cmd_ti(args) -> None:
     fixed = {"initializer": [], "learned": []}
     with torch.no_grad():
         for k in range(args.loss_batches):
-            generator = torch.Generator(device).manual_seed(1000 + k)
+            generator = torch.Generator().manual_seed(1000 + k)  # on the CPU, as the pipeline's
             latents, t, noise = training_batch(sd, image, cfg["resolution"], 8, generator, augmentations=augment)
             for name, row in (("initializer", initial), ("learned", vector)):
                 fixed[name].append(float(denoising_loss(sd, latents, t, noise, row, token_id, prompt)))
@@ -109,7 +111,6 @@ def cmd_ti(args) -> None:
     count = args.samples
     prompts = {"<e>": prompt, "initializer": cfg["prompt"].format(learned.initializer),
                "held-out caption": caption(*HELD_OUT, None)}
-    bank = render_geometry(args.renders, 128, 7, workers=args.workers, shapes=(HELD_OUT[1],)).to(device)
     views = torch.arange(args.renders, device=device)
     color = torch.full((args.renders,), list(COLORS).index(HELD_OUT[0]), device=device)
     shading = ["albedo" if i % 2 else "lambertian" for i in range(args.renders)]

@@ -192,21 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     log = Log(out / "train_log.txt")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     import diffusers
     import transformers
 
+    log(f"train_prior {' '.join(sys.argv[1:])}")
+    timings = {}
+    clock = time.perf_counter()
+    # Ray cast in forked workers before CUDA is touched here (a fork after CUDA's start is unsafe).
+    bank = render_geometry(args.views_per_shape, args.fine_resolution, args.seed, args.workers).to(device)
+    timings["ray_cast_s"] = time.perf_counter() - clock
     env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
-    log(f"train_prior {' '.join(sys.argv[1:])} | {json.dumps(env)}")
+    log(json.dumps(env))
     generator = torch.Generator(device).manual_seed(args.seed)
-    timings = {}
-    clock = time.perf_counter()
-
-    bank = render_geometry(args.views_per_shape, args.fine_resolution, args.seed, args.workers).to(device)
-    timings["ray_cast_s"] = time.perf_counter() - clock
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     log(f"ray cast {len(SHAPES)} shapes x {args.views_per_shape} views at {args.fine_resolution} px "
         f"in {timings['ray_cast_s']:.1f} s")
 
