@@ -12,7 +12,7 @@ mkdir -p "$OUT/runs"
 LOG="$OUT/bench_log.txt"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 if [ "${SMOKE:-0}" = 1 ]; then
-  TRAIN_ARGS=${TRAIN_ARGS:---tiny --views-per-shape 20 --vae-steps 10 --vae-batch 8 --unet-steps 10 --batch 8 --judge-steps 5 --samples-per-caption 1}
+  TRAIN_ARGS=${TRAIN_ARGS:---size tiny --views-per-shape 20 --vae-steps 10 --vae-batch 8 --unet-steps 10 --batch 8 --judge-steps 5 --samples-per-caption 1}
   RECON_SETS=${RECON_SETS:---set fit.iterations=3 --set textual_inversion.steps=3 --set export.resolution=48 --set export.texture_size=64 --set render.step_size=0.03 --set matting.image_size=128}
   TI_ARGS="--samples 2 --renders 8 --loss-batches 2"
 else
@@ -39,7 +39,8 @@ say "tiny random model"; $PY -c "import sys; sys.path.insert(0, 'tests'); from t
 RANDOM_PID=$!
 say "train"; $PY -m engine.prior_training.train --out "$OUT/prior" --device "$DEV" --workers "${WORKERS:-12}" $TRAIN_ARGS > "$OUT/train_stdout.log" 2>&1
 say "train: exit $? ($(tail -n 1 "$OUT/prior/train_log.txt"))"
-( recon learned "$OUT/prior" 64; score learned ) &
+RES=$($PY -c "import json; print(json.load(open('$OUT/prior/unet/config.json'))['sample_size'] * 4)")  # native px
+( recon learned "$OUT/prior" "$RES"; score learned ) &
 LEARNED_PID=$!
 # Textual inversion's measurement needs only the run's embedding.pt, written before the fit starts.
 until [ -f "$OUT/runs/learned/embedding.pt" ] || ! kill -0 $LEARNED_PID 2>/dev/null; do sleep 2; done

@@ -45,39 +45,48 @@ def vocab_and_merges(words=VOCABULARY) -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 
+MAX_TOKENS = 16  # the longest caption is 12 tokens with its start and end; the pipeline pads to this
+
+
 def write_tokenizer(folder: Path) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = vocab_and_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
     tokenizer.save_pretrained(str(folder))
     return tokenizer
 
 
-def text_encoder(vocab_size: int, tiny: bool = False) -> CLIPTextModel:
+# Sizes: "base" (64 px images, latents 16 x 16: the GPU model), "small" (32 px, latents 8 x 8: trainable on a
+# CPU in about half an hour), "tiny" (smoke tests only).
+IMAGE_SIZE = {"base": 64, "small": 32, "tiny": 32}
+
+
+def text_encoder(vocab_size: int, size: str = "base") -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
-        num_hidden_layers=1 if tiny else 3, num_attention_heads=4, max_position_embeddings=77,
-        projection_dim=TEXT_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        num_hidden_layers={"base": 3, "small": 2, "tiny": 1}[size], num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_WIDTH, bos_token_id=0, eos_token_id=1, pad_token_id=1))
 
 
-def unet(tiny: bool = False) -> UNet2DConditionModel:
-    channels = (32, 32, 32) if tiny else (64, 128, 128)
+def unet(size: str = "base") -> UNet2DConditionModel:
+    channels, layers, heads, groups = {"base": ((64, 128, 128), 2, 8, 32), "small": ((32, 64, 96), 1, 4, 16),
+                                       "tiny": ((32, 32, 32), 1, 4, 8)}[size]
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels,
-        layers_per_block=1 if tiny else 2,
+        sample_size=IMAGE_SIZE[size] // 4, in_channels=4, out_channels=4, block_out_channels=channels,
+        layers_per_block=layers,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=4 if tiny else 8, norm_num_groups=8 if tiny else 32)
+        cross_attention_dim=TEXT_WIDTH, attention_head_dim=heads, norm_num_groups=groups)
 
 
-def vae(tiny: bool = False) -> AutoencoderKL:
-    channels = (16, 16, 16) if tiny else (32, 64, 64)
+def vae(size: str = "base") -> AutoencoderKL:
+    channels, groups = {"base": ((32, 64, 64), 16), "small": ((16, 32, 32), 8), "tiny": ((16, 16, 16), 8)}[size]
     return AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=channels, layers_per_block=1, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8 if tiny else 16, sample_size=64)
+        norm_num_groups=groups, sample_size=IMAGE_SIZE[size])
 
 
 def scheduler() -> DDPMScheduler:

@@ -1,6 +1,6 @@
 """Train the learned prior and write it as a diffusers folder; then measure its samples.
 
-    python -m engine.prior_training.train --out FOLDER [--device cuda] [--tiny]   (scripts/train_prior)
+    python -m engine.prior_training.train --out FOLDER [--device cuda] [--size base|small|tiny]   (scripts/train_prior)
 
 Seeded (torch generators everywhere, one seed), logged to FOLDER/train_log.txt and to stdout. Stages: ray cast
 the shapes' geometry; train the VAE (L1 + MSE + a small KL, as SD's without the GAN); train UNet and text encoder
@@ -50,8 +50,8 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def train_vae(bank, steps: int, batch: int, generator, device, log, tiny: bool):
-    vae = models.vae(tiny).to(device).train()
+def train_vae(bank, steps: int, batch: int, generator, device, log, size: str):
+    vae = models.vae(size).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     for step in range(steps):
@@ -79,10 +79,10 @@ def train_vae(bank, steps: int, batch: int, generator, device, log, tiny: bool):
     return vae
 
 
-def train_denoiser(bank, vae, tokenizer, steps: int, batch: int, generator, device, log, tiny: bool,
+def train_denoiser(bank, vae, tokenizer, steps: int, batch: int, generator, device, log, size: str,
                    max_seconds: float, lr: float = 4e-4):
-    unet = models.unet(tiny).to(device).train()
-    text_encoder = models.text_encoder(len(tokenizer), tiny).to(device).train()
+    unet = models.unet(size).to(device).train()
+    text_encoder = models.text_encoder(len(tokenizer), size).to(device).train()
     scheduler = models.scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -174,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (CPU)")
+    parser.add_argument("--size", choices=sorted(models.IMAGE_SIZE), default="base",
+                        help="base: 64 px (GPU); small: 32 px (a CPU in half an hour); tiny: smoke tests")
     parser.add_argument("--views-per-shape", type=int, default=2000)
-    parser.add_argument("--fine-resolution", type=int, default=128, help="ray-cast size; images are half of it")
+    parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--workers", type=int, default=1, help="processes for the ray casting")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument("--vae-batch", type=int, default=64)
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--max-unet-seconds", type=float, default=300.0)
     parser.add_argument("--judge-steps", type=int, default=1500)
+    parser.add_argument("--judge-batch", type=int, default=128)
     parser.add_argument("--samples-per-caption", type=int, default=16)
     args = parser.parse_args(argv)
 
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
     clock = time.perf_counter()
     # Ray cast in forked workers before CUDA is touched here (a fork after CUDA's start is unsafe).
-    bank = render_geometry(args.views_per_shape, args.fine_resolution, args.seed, args.workers).to(device)
+    bank = render_geometry(args.views_per_shape, 2 * models.IMAGE_SIZE[args.size], args.seed, args.workers).to(device)
     timings["ray_cast_s"] = time.perf_counter() - clock
     env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__,
@@ -208,22 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator(device).manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    log(f"ray cast {len(SHAPES)} shapes x {args.views_per_shape} views at {args.fine_resolution} px "
+    log(f"ray cast {len(SHAPES)} shapes x {args.views_per_shape} views at {2 * models.IMAGE_SIZE[args.size]} px "
         f"in {timings['ray_cast_s']:.1f} s")
 
     clock = time.perf_counter()
     tokenizer = models.write_tokenizer(out / "tokenizer")
-    vae = train_vae(bank, args.vae_steps, args.vae_batch, generator, device, log, args.tiny)
+    vae = train_vae(bank, args.vae_steps, args.vae_batch, generator, device, log, args.size)
     timings["vae_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     unet, text_encoder, scheduler, unet_steps, losses = train_denoiser(
-        bank, vae, tokenizer, args.unet_steps, args.batch, generator, device, log, args.tiny, args.max_unet_seconds)
+        bank, vae, tokenizer, args.unet_steps, args.batch, generator, device, log, args.size, args.max_unet_seconds,
+        args.lr)
     timings["denoiser_s"] = time.perf_counter() - clock
     save_folder(out, out / "tokenizer", vae, unet, text_encoder, scheduler)
     log(f"saved the diffusers folder to {out}")
 
     clock = time.perf_counter()
-    judge = train_judge(bank, generator, args.judge_steps, 128, log)
+    judge = train_judge(bank, generator, args.judge_steps, args.judge_batch, log)
     judge_check = judge_accuracy(judge, bank, generator, 1024)
     torch.save(judge.state_dict(), out / "judge.pt")
     log(f"judge on fresh lambertian renders: {judge_check}")
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sanity(out, bank, judge, generator, device, args.samples_per_caption, log)
     timings["sanity_s"] = time.perf_counter() - clock
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
-    report = {"format": "realfusion-learned-prior/1", "seed": args.seed, "tiny": args.tiny, "env": env,
+    report = {"format": "realfusion-learned-prior/1", "seed": args.seed, "size": args.size, "env": env,
               "held_out": " ".join(HELD_OUT), "args": {k: str(v) for k, v in vars(args).items()},
               "denoiser_steps": unet_steps, "final_denoiser_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
               "timings": timings, "judge": judge_check, "sanity": check, "folder_mb": size_mb,
