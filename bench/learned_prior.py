@@ -82,6 +82,8 @@ def cmd_ti(args) -> None:
 
     device = torch.device(args.device)
     run = Path(args.run)
+    if args.train_steps:
+        _train_run(args, run)
     cfg = json.loads((run / "config.json").read_text())["textual_inversion"]
     # the object from many views (forked ray casting: before CUDA starts in this process)
     bank = render_geometry(args.renders, 128, 7, workers=args.workers, shapes=(HELD_OUT[1],)).to(device)
@@ -153,6 +155,25 @@ def cmd_ti(args) -> None:
           {k: (v["judged_held_out_object"], v["nearest_render_rms"]) for k, v in samples.items()})
 
 
+def _train_run(args, run: Path) -> None:
+    """Textual inversion alone, as `reconstruct --preset fast` runs it (matting, then `cached_or_train`'s
+    training), into RUN: config.json, reference.png, embedding.pt."""
+    from engine.guidance import load_stable_diffusion, train_embedding
+    from engine.matting import prepare_reference, save_reference
+    from engine.prior_training.heldout import write_photo
+
+    cfg = preset("fast")
+    sd = load_stable_diffusion(args.model, args.device, "fp32")
+    ti = cfg.textual_inversion
+    ti.steps, ti.initializer, ti.resolution = args.train_steps, "cube", sd.resolution
+    reference = prepare_reference(write_photo(run / "photo", cfg), cfg.matting)
+    save_reference(reference, run)
+    image = torch.as_tensor(reference.rgb).permute(2, 0, 1).float()
+    learned = train_embedding(sd, image, ti, torch.Generator().manual_seed(cfg.seed))
+    learned.save(run / "embedding.pt")
+    (run / "config.json").write_text(cfg.to_json())
+
+
 def cmd_table(args) -> None:
     rows = {}
     for run in sorted(Path(args.dir).iterdir()):
@@ -193,6 +214,8 @@ def main() -> None:
     p.add_argument("--renders", type=int, default=400)
     p.add_argument("--loss-batches", type=int, default=16)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--train-steps", type=int, default=0,
+                   help="train the embedding here first (fast preset's recipe, this many steps) instead of a run's")
     p = sub.add_parser("table")
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)

@@ -90,8 +90,10 @@ def vae(size: str = "base") -> AutoencoderKL:
 
 
 def scheduler() -> DDPMScheduler:
-    """Stable Diffusion's noise schedule (what the SDS code and the oracle assume)."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    """Stable Diffusion's noise schedule (what the SDS code and the oracle assume), and its clip_sample=False: latents
+    of unit variance are not bounded by 1 (clipping them ruins DDIM samples)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False)
 
 
 def model_index() -> dict:

@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-unet-seconds", type=float, default=300.0)
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--judge-batch", type=int, default=128)
+    parser.add_argument("--measure-only", action="store_true",
+                        help="only the sanity check of the folder already at --out (its judge.pt reused)")
     parser.add_argument("--samples-per-caption", type=int, default=16)
     args = parser.parse_args(argv)
 
@@ -213,6 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     log(f"ray cast {len(SHAPES)} shapes x {args.views_per_shape} views at {2 * models.IMAGE_SIZE[args.size]} px "
         f"in {timings['ray_cast_s']:.1f} s")
 
+    if args.measure_only:
+        from .sampling import Judge
+
+        judge = Judge().to(device)
+        judge.load_state_dict(torch.load(out / "judge.pt", map_location=device))
+        report = json.loads((out / "sanity.json").read_text())
+        report["sanity"] = sanity(out, bank, judge.eval(), generator, device, args.samples_per_caption, log)
+        report["measured_again"] = "sanity only (--measure-only)"
+        (out / "sanity.json").write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     clock = time.perf_counter()
     tokenizer = models.write_tokenizer(out / "tokenizer")
     vae = train_vae(bank, args.vae_steps, args.vae_batch, generator, device, log, args.size)
