@@ -85,8 +85,9 @@ def cmd_ti(args) -> None:
     if args.train_steps:
         _train_run(args, run)
     cfg = json.loads((run / "config.json").read_text())["textual_inversion"]
-    # the object from many views (forked ray casting: before CUDA starts in this process)
-    bank = render_geometry(args.renders, 128, 7, workers=args.workers, shapes=(HELD_OUT[1],)).to(device)
+    # the object from many views at twice the model's size (forked ray casting: before CUDA starts here)
+    native = json.loads((Path(args.model) / "unet" / "config.json").read_text())["sample_size"] * 4
+    bank = render_geometry(args.renders, 2 * native, 7, workers=args.workers, shapes=(HELD_OUT[1],)).to(device)
     sd = load_stable_diffusion(args.model, device, "fp32")
     learned = LearnedEmbedding.load(run / "embedding.pt")
     token_id = add_placeholder_token(sd, learned.placeholder, learned.initializer)
