@@ -2,6 +2,7 @@
 # Issue 16 end to end: train the learned prior, reconstruct the held-out green cube with it, with the tiny random
 # model and as a plain sphere, score all three and measure textual inversion. One GPU, about 9 minutes:
 #   bench/learned_prior.sh OUT            (SMOKE=1: CPU-sized, a few minutes; TRAIN_ARGS/RECON_SETS add settings)
+# PRIOR_MODEL=FOLDER skips the training and measures that model instead.
 # Writes OUT/prior (the diffusers folder), OUT/runs/{learned,random,sphere}, OUT/ti.json, OUT/reconstruction.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +38,12 @@ say "tiny random model"; $PY -c "import sys; sys.path.insert(0, 'tests'); from t
   $PY bench/learned_prior.py sphere --like "$OUT/runs/random" --ground-truth "$OUT/photo/ground_truth" \
     --out "$OUT/runs/sphere" >> "$LOG" 2>&1 && score sphere ) &
 RANDOM_PID=$!
-say "train"; $PY -m engine.prior_training.train --out "$OUT/prior" --device "$DEV" --workers "${WORKERS:-12}" $TRAIN_ARGS > "$OUT/train_stdout.log" 2>&1
-say "train: exit $? ($(tail -n 1 "$OUT/prior/train_log.txt"))"
+if [ -n "${PRIOR_MODEL:-}" ]; then  # a model trained before (e.g. the committed tests/data/learned_prior)
+  say "model: $PRIOR_MODEL (no training)"; cp -r "$PRIOR_MODEL" "$OUT/prior"
+else
+  say "train"; $PY -m engine.prior_training.train --out "$OUT/prior" --device "$DEV" --workers "${WORKERS:-12}" $TRAIN_ARGS > "$OUT/train_stdout.log" 2>&1
+  say "train: exit $? ($(tail -n 1 "$OUT/prior/train_log.txt"))"
+fi
 RES=$($PY -c "import json; print(json.load(open('$OUT/prior/unet/config.json'))['sample_size'] * 4)")  # native px
 ( recon learned "$OUT/prior" "$RES"; score learned ) &
 LEARNED_PID=$!
