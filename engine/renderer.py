@@ -96,7 +96,6 @@ class OccupancyGrid(torch.nn.Module):
     update every cell counts as occupied.
     """
 
-
     def __init__(self, resolution: int, bound: float, decay: float = 0.95, threshold: float = 10.0,
                  dilation: int = 0, haze_ratio: float = 0.0):
         super().__init__()
@@ -104,13 +103,6 @@ class OccupancyGrid(torch.nn.Module):
         self.dilation, self.haze_ratio = dilation, haze_ratio
         self.register_buffer("density", torch.full((resolution ** 3,), float("inf")))
         self.register_buffer("occupied", torch.ones(resolution ** 3, dtype=torch.bool))
-
-    def cell_points(self, offset: torch.Tensor | float = 0.5) -> torch.Tensor:
-        """World positions [R^3,3] of a point in every cell (`offset` in [0,1) within it), in flat-index order."""
-        r = self.resolution
-        cells = torch.arange(r ** 3, device=self.density.device)
-        ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1).float()
-        return (ijk + offset) / r * (2.0 * self.bound) - self.bound
 
     def cell_index(self, points: torch.Tensor) -> torch.Tensor:
         """Flat cell index [N] of world points [N,3] (points outside the box go to the nearest cell)."""
@@ -123,8 +115,11 @@ class OccupancyGrid(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, density_fn, generator: torch.Generator | None = None, chunk: int = 1 << 18) -> None:
-        jitter = torch.rand((self.resolution ** 3, 3), generator=generator).to(self.density.device)
-        points = self.cell_points(jitter)
+        r, device = self.resolution, self.density.device
+        cells = torch.arange(r ** 3, device=device)
+        ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1).float()
+        jitter = torch.rand(ijk.shape, generator=generator).to(device)
+        points = (ijk + jitter) / r * (2.0 * self.bound) - self.bound
         fresh = torch.cat([density_fn(points[i:i + chunk]).float().reshape(-1) for i in range(0, len(points), chunk)])
         old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
         self.density.copy_(torch.maximum(old * self.decay, torch.nan_to_num(fresh, nan=0.0)))
@@ -135,7 +130,6 @@ class OccupancyGrid(torch.nn.Module):
             # them (a part that the blob does not reach, such as a beak pointing at the camera, is otherwise
             # never sampled, never gets a gradient, and is never grown).
             size = 2 * self.dilation + 1
-            r = self.resolution
             grid = occupied.float().view(1, 1, r, r, r)
             occupied = F.max_pool3d(grid, size, stride=1, padding=self.dilation).view(-1) > 0
         self.occupied.copy_(occupied)
