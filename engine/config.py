@@ -233,6 +233,14 @@ class ExportConfig:
     object_size_m: float = 1.0  # the object's longest side in meters (0: keep the field's units)
     origin: str = "center"  # center (box center at the origin) or bottom (centered, resting on z = 0)
     min_component_fraction: float = 0.1  # parts smaller than this fraction of the largest are floaters
+    # Voids that no camera sees are filled (engine/export/mesh.py clean_occupancy). A fit leaves the inside of an
+    # object as it was (nothing renders it), often below the surface's level and reached from outside through
+    # pores in a never-seen wall: marching cubes then makes inner walls that no view shows and that halve
+    # precision (box at `fast`, H200, oracle: F@0.02 0.58 -> 0.90, precision 0.78 -> 0.99 with a closing of 4
+    # cells of 192). Filled: voids the surface encloses, and voids that close once the object is grown by
+    # `cavity_closing` of the grid's side and that no axis-aligned line of sight reaches (0: only the first).
+    # Sealing voids at a quarter of the level instead measured no better.
+    cavity_closing: float = 0.03
 
 
 @dataclass

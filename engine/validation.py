@@ -261,6 +261,7 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("conrad.outline_dilation_px", 0, 64)
 
     between("export.min_component_fraction", 0, 1)
+    between("export.cavity_closing", 0, 0.1)
     return problems
 
 

@@ -303,6 +303,33 @@ def test_floaters_and_hidden_cavities_are_removed():
     assert np.linalg.norm(hollow.vertices, axis=1).min() > 0.38
 
 
+def test_a_hollow_inside_behind_pores_is_filled_and_a_seen_crease_is_not():
+    """A fit leaves an object's inside as it was, often hollow and open to the outside through pores in a
+    wall no view constrains: marching that gives inner walls no camera sees. The closing fills the void behind
+    the pores; a groove cut around the block (narrower than the closing, but seen from outside) stays."""
+    from scipy import ndimage
+
+    from engine.export.mesh import clean_occupancy
+
+    n = 64
+    x = np.abs(np.indices((n, n, n)) - n / 2 + 0.5)
+    box = x.max(0)
+    grid = np.where(box < 20, 5.0, 0.0)
+    grid[box < 17] = 0.1  # the hollow inside
+    for i, j in ((24, 24), (36, 30), (28, 38)):  # pores through the bottom wall, 2 cells wide
+        grid[i:i + 2, j:j + 2, 11:16] = 0.1
+    groove = (np.abs(x[2] - 6) < 3) & (box >= 18)  # a 6-cell groove around the block, 2 deep
+    grid[groove] = 0.0
+    hollow = box < 16
+
+    plain, _ = clean_occupancy(grid, 1.0, 0.1, closing_voxels=0)
+    assert (plain[hollow] < 1).all()  # reached through the pores: not a cavity by enclosure alone
+    closed, _ = clean_occupancy(grid, 1.0, 0.1, closing_voxels=4)
+    assert (closed[hollow] >= 1).all()
+    assert (closed[groove] < 1).all()
+    assert (closed[ndimage.binary_dilation(box < 20, iterations=1) & (box >= 20)] < 1).all()  # nothing outside grows
+
+
 @pytest.mark.parametrize("peak, width", [(1000.0, 0.01), (20.0, 0.02)])
 def test_level_puts_the_surface_where_the_renderer_shows_it(peak, width):
     """Dense or faint, the mesh is where a head-on ray becomes half transparent, not at a fixed density."""

@@ -11,7 +11,7 @@ from analytic_fields import SphereField
 from engine.cameras import reference_camera, sample_random_cameras
 from engine.cli import main
 from engine.config import CameraConfig, PriorConfig, RenderConfig
-from engine.harness.objects import OBJECTS, make_object, surface_points
+from engine.harness.objects import OBJECTS, make_object, outer_surface_points, surface_points
 from engine.harness.oracle import OracleGuidance
 from engine.harness.raycast import ColoredMesh, embree_available, intersect, render_ground_truth
 from engine.renderer import Lighting, VolumeRenderer, shade
@@ -72,6 +72,33 @@ def test_objects_are_framed_like_a_matted_photo(name):
     assert (rows[0] + rows[-1] + 1) / 2 == pytest.approx(64, abs=1.5)
     assert (cols[0] + cols[-1] + 1) / 2 == pytest.approx(64, abs=1.5)
     assert len(surface_points(mesh, 500)) == 500
+
+
+def test_the_true_points_lie_on_the_outer_surface_only():
+    """The figure is a union of overlapping closed parts: the top of its body inside the head, the pack's inner
+    side inside the body. Points there are on no surface a reconstruction could have, so the truth leaves
+    them out, and still covers every part's outside."""
+    from scipy.spatial import cKDTree
+
+    mesh = make_object("figure")
+    parts = mesh.split(only_watertight=False)
+    clouds = [cKDTree(surface_points(part, 100000, seed=1)) for part in parts]
+
+    def inside_another(points):
+        on = [cloud.query(points)[0] < 0.01 for cloud in clouds]
+        inside = np.zeros(len(points), bool)
+        for i, part in enumerate(parts):
+            others = np.any([p.contains(points) for j, p in enumerate(parts) if j != i], axis=0)
+            inside |= on[i] & others
+        return inside, on
+
+    points = outer_surface_points(mesh, 4000)
+    assert len(points) == 4000
+    inside, on = inside_another(points)
+    plain = inside_another(surface_points(mesh, 4000))[0].mean()
+    assert plain > 0.05  # what plain sampling counted that no camera sees
+    assert inside.mean() < 0.1 * plain  # (points within the sampling's tolerance of a seam may still count)
+    assert all(o.sum() > 20 for o in on)  # every part keeps its outside
 
 
 class TestOracle:

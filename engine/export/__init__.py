@@ -143,7 +143,8 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
 
     report(Progress("export", 0, len(STEPS)))
     surface = extract_surface(field, object_bound(field, bound, device), cfg.resolution, cfg.max_faces,
-                              cfg.min_component_fraction, device, progress, outline)
+                              cfg.min_component_fraction, device, progress, outline,
+                              round(cfg.cavity_closing * cfg.resolution))
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
     colors = bake_source(field, surface.vertices, surface.faces)  # ConRad: the photo on what the camera sees of the mesh

@@ -311,15 +311,23 @@ def _boundary_fraction_above(grid: np.ndarray, level: float) -> float:
     return float(sum((f >= level).sum() for f in faces) / sum(f.size for f in faces))
 
 
-def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float) -> tuple[np.ndarray, int]:
+def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float,
+                    closing_voxels: int = 0) -> tuple[np.ndarray, int]:
     """The grid with floaters (parts under `min_fraction` of the largest) emptied and hidden cavities filled.
 
+    A cavity is empty space that no outside camera can see. A fitted field is only constrained where rays
+    stop, so its inside is whatever the fit left there: often below the surface's level (hollow), and reached
+    from outside through pores in a thin, never-seen wall (the bottom, say). Filled: voids enclosed by the
+    kept parts, and voids enclosed once the kept parts are grown by `closing_voxels` (a morphological
+    closing) where no axis-aligned line of sight reaches them from outside (so that the closing does not
+    fill a crease the cameras see).
     Working on voxels keeps marching cubes' sub-voxel accuracy on the surfaces that stay:
     a removed part is not adjacent to a kept one, and a cavity touches no outside voxel.
     """
     from scipy import ndimage
 
     inside = grid >= level
+    ball = ndimage.generate_binary_structure(3, 1)
     labels, count = ndimage.label(inside, structure=np.ones((3, 3, 3), bool))
     if count == 0:
         raise EmptyFieldError("The field is empty: nothing in it reaches the surface's density.")
@@ -327,15 +335,42 @@ def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float) -> tupl
     kept_labels = np.flatnonzero(sizes >= min_fraction * sizes.max()) + 1
     kept = np.isin(labels, kept_labels)
     solid = ndimage.binary_fill_holes(kept)
+    if closing_voxels > 0:
+        # pad so that growing never meets the grid's edge (which would seal the outside too)
+        pad = closing_voxels + 1
+        grown = ndimage.binary_dilation(np.pad(solid, pad), ball, iterations=closing_voxels)
+        outside = ndimage.binary_dilation(~ndimage.binary_fill_holes(grown), ball, iterations=closing_voxels)
+        # ... but only where no axis-aligned line of sight leaves the box: a crease narrower than the closing
+        # (the figure's neck) is seen from outside and stays empty, a pocket behind the pores is not
+        # (lines of sight through pores narrower than the closing are blocked, by the solid grown by half of it;
+        # what lies within that half of a seen voxel is seen too, so a seen crease keeps its whole width)
+        half = max(1, closing_voxels // 2)
+        seen = seen_from_outside(ndimage.binary_dilation(solid, ball, iterations=half))
+        seen = ndimage.binary_dilation(seen, ball, iterations=half)
+        solid |= ~outside[pad:-pad, pad:-pad, pad:-pad] & ~seen
     cleaned = grid.copy()
     cleaned[inside & ~kept] = 0.0
     cleaned[solid & ~kept] = max(2.0 * level, level + 1.0)  # cavities (and the removed parts inside them)
     return cleaned, int(count - len(kept_labels))
 
 
+def seen_from_outside(solid: np.ndarray) -> np.ndarray:
+    """Voxels from which a straight line along one of the six axis directions leaves the grid without
+    crossing a `solid` voxel (the voxel itself not counted)."""
+    seen = np.zeros_like(solid)
+    for axis in range(3):
+        lines, seen_lines = np.moveaxis(solid, axis, 0), np.moveaxis(seen, axis, 0)  # views: axis first
+        for step in (slice(None), slice(None, None, -1)):  # looking back toward the start, then the end
+            blocked = np.logical_or.accumulate(lines[step], axis=0)
+            clear = np.ones_like(blocked)
+            clear[1:] = ~blocked[:-1]
+            seen_lines[step] |= clear
+    return seen
+
+
 def extract_surface(field: DensityField, bound: float, resolution: int, max_faces: int = 0,
                     min_component_fraction: float = 0.1, device="cpu", progress=None,
-                    outline: Outline | None = None) -> Surface:
+                    outline: Outline | None = None, closing_voxels: int = 0) -> Surface:
     """Grid, level, cleanup, marching cubes and decimation: a closed mesh in field coordinates.
 
     With an `outline` (the reference camera and the object's mask in it) the level is the one whose
@@ -344,11 +379,11 @@ def extract_surface(field: DensityField, bound: float, resolution: int, max_face
     progress = progress or (lambda _name: None)
     grid = sample_density(field, bound, resolution, device, outline)
     progress("density")
-    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress, outline)
+    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress, outline, closing_voxels)
 
 
 def surface_from_grid(grid: np.ndarray, bound: float, max_faces: int = 0, min_component_fraction: float = 0.1,
-                      progress=None, outline: Outline | None = None) -> Surface:
+                      progress=None, outline: Outline | None = None, closing_voxels: int = 0) -> Surface:
     import mcubes
     import trimesh
 
@@ -357,7 +392,7 @@ def surface_from_grid(grid: np.ndarray, bound: float, max_faces: int = 0, min_co
     level = choose_level(grid, spacing)
     if outline is not None:
         level = outline_level(grid, bound, outline, level)
-    cleaned, removed = clean_occupancy(grid, level, min_component_fraction)
+    cleaned, removed = clean_occupancy(grid, level, min_component_fraction, closing_voxels)
     touches = _boundary_fraction_above(cleaned, level) > 0.0
     # An empty layer around the grid closes the surface where the object runs into the box: always watertight.
     vertices, faces = mcubes.marching_cubes(np.pad(cleaned, 1), level)

@@ -15,7 +15,7 @@ from PIL import Image
 from ..cameras import reference_camera
 from ..config import ReconstructionConfig
 from ..outputs import atomic_write_bytes, to_uint8
-from .objects import make_object, surface_points
+from .objects import make_object, outer_surface_points
 from .oracle import oracle_prior
 from .raycast import ColoredMesh, render_ground_truth
 
@@ -37,7 +37,7 @@ def write_ground_truth(mesh, outdir: Path) -> Path:
     """The true mesh (PLY with vertex colors) and a surface point cloud, for `realfusion eval`."""
     folder = Path(outdir) / GROUND_TRUTH_DIR
     atomic_write_bytes(folder / "mesh.ply", mesh.export(file_type="ply"))
-    buffer = _npy_bytes(surface_points(mesh))
+    buffer = _npy_bytes(outer_surface_points(mesh))
     atomic_write_bytes(folder / "points.npy", buffer)
     return folder
 

@@ -40,6 +40,7 @@ from ..matting import REFERENCE_NAME
 from ..outputs import FIELD_REFERENCE_FILE
 from ..outputs import atomic_write_json, image_grid, save_png
 from . import metrics
+from .objects import outer_surface_points
 from .demo import GROUND_TRUTH_DIR
 from .mesh_render import box_downsample, render_mesh
 from .raycast import ColoredMesh, render_ground_truth
@@ -199,7 +200,7 @@ def load_ground_truth(folder: Path) -> tuple[object, np.ndarray, bool]:
         raise EvaluationError(f"The ground truth in {folder} could not be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}).", fix) from exc
     if points is None:
-        return mesh, metrics.surface_points(mesh, DEFAULT_POINTS).astype(np.float64), False
+        return mesh, outer_surface_points(mesh, DEFAULT_POINTS).astype(np.float64), False
     return mesh, np.asarray(points, np.float64), True
 
 
