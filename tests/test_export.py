@@ -303,6 +303,17 @@ def test_floaters_and_hidden_cavities_are_removed():
     assert np.linalg.norm(hollow.vertices, axis=1).min() > 0.38
 
 
+def test_fill_holes_is_scipys():
+    from scipy import ndimage
+
+    from engine.export.mesh import fill_holes
+
+    rng = np.random.default_rng(0)
+    for size in (12, 32):
+        mask = ndimage.binary_opening(rng.random((size, size, size)) > 0.45)
+        assert (fill_holes(mask) == ndimage.binary_fill_holes(mask)).all()
+
+
 def test_a_hollow_inside_behind_pores_is_filled_and_a_seen_crease_is_not():
     """A fit leaves an object's inside as it was, often hollow and open to the outside through pores in a
     wall no view constrains: marching that gives inner walls no camera sees. The closing fills the void behind
