@@ -236,9 +236,10 @@ class ExportConfig:
     # Voids that no camera sees are filled (engine/export/mesh.py clean_occupancy). A fit leaves the inside of an
     # object as it was (nothing renders it), often below the surface's level and reached from outside through
     # pores in a never-seen wall: marching cubes then makes inner walls that no view shows and that halve
-    # precision (box at `fast`, H200, oracle: F@0.02 0.58 -> 0.90, precision 0.78 -> 0.99 with a closing of 4
-    # cells of 192). Filled: voids the surface encloses, and voids that close once the object is grown by
-    # `cavity_closing` of the grid's side and that no axis-aligned line of sight reaches (0: only the first).
+    # precision (box at `fast`, H200, oracle: F@0.02 0.57 -> 0.90, precision 0.77 -> 0.99 at this setting, 6
+    # cells of 192; README, Quality). Filled: voids the surface encloses, and voids that close once the object
+    # is grown by `cavity_closing` of the grid's side and that no axis-aligned line of sight reaches (0: only
+    # the first).
     # Sealing voids at a quarter of the level instead measured no better.
     cavity_closing: float = 0.03
 

@@ -40,9 +40,9 @@ from ..matting import REFERENCE_NAME
 from ..outputs import FIELD_REFERENCE_FILE
 from ..outputs import atomic_write_json, image_grid, save_png
 from . import metrics
-from .objects import outer_surface_points
 from .demo import GROUND_TRUTH_DIR
 from .mesh_render import box_downsample, render_mesh
+from .objects import outer_surface_points
 from .raycast import ColoredMesh, render_ground_truth
 
 EVAL_FILE, SHEET_FILE = "eval.json", "eval.png"
