@@ -3,6 +3,7 @@
     python bench/compare_methods.py --device cuda [--presets demo fast] [--objects box mug figure]
                                     [--methods realfusion conrad] [--gpus 0,1,2,3] [--runs-per-gpu N] [--set section.key=value ...]
                                     [--method-set conrad:conrad.outside_mask=field] [--tag NAME] [--readme]
+    python bench/compare_methods.py --from RESULTS.json[#METHOD] ... --tag NAME [--readme]
 
 Each run is the real command line, `realfusion demo -o DIR --object O --preset P --method M --restart`
 (reconstruct with the oracle prior, export, `realfusion eval`), timed from outside. From each run it keeps
@@ -78,13 +79,18 @@ def run_one(out: Path, obj: str, preset: str, method: str, device: str, override
         "mesh_reference_psnr": reference["psnr"], "mesh_reference_ssim": reference["ssim"],
         "mesh_reference_iou": reference["mask_iou"],
         "novel_psnr": novel["psnr"], "novel_ssim": novel["ssim"],
-        "fscore": geometry["fscore"], "chamfer": geometry["chamfer"],
+        "fscore": geometry["fscore"], "fscore_002": fscore_002(geometry), "chamfer": geometry["chamfer"],
         # eval.json's own field scores (field_reference.png, at the fit's reference render size), where present
         "field_reference_psnr_fit_size": (reference.get("field") or {}).get("psnr"),
         "field_reference_iou_fit_size": (reference.get("field") or {}).get("mask_iou"),
         **field_render_scores(out, device),
     })
     return row
+
+
+def fscore_002(geometry: dict) -> float | None:
+    """eval.json's F-score at 0.02 (issue 11's finer threshold), where it has one."""
+    return (geometry.get("fscore_at") or {}).get("0.02")
 
 
 FIELD_RENDER_LOCK = threading.Lock()  # one full-size field render at a time in this process: its peak is large
@@ -161,20 +167,20 @@ def markdown_table(rows: list[dict], device: str) -> str:
         return "inf" if value is None else "-" if isinstance(value, str) else format(value, spec)
 
     lines = [f"Oracle prior, `realfusion demo`, device {device}. Reference view: against the input; novel views: "
-             "7 turntable views against the ground truth; F-score at 0.05.", "",
+             "7 turntable views against the ground truth.", "",
              "| object | preset | method | mesh ref PSNR | mesh ref SSIM | mesh ref IoU | field ref PSNR | field ref SSIM | "
-             "novel PSNR | F-score | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "novel PSNR | F@0.05 | F@0.02 | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("exit_code") != 0:
             lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | failed (exit {r['exit_code']}) "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         lines.append(f"| {r['object']} | {r['preset']} | {r['method']} | {fmt(r['mesh_reference_psnr'])} | "
                      f"{fmt(r['mesh_reference_ssim'], '.3f')} | {fmt(r['mesh_reference_iou'], '.3f')} | "
                      f"{fmt(r['field_reference_psnr'])} | "
                      f"{fmt(r['field_reference_ssim'], '.3f')} | {fmt(r['novel_psnr'])} | {fmt(r['fscore'], '.3f')} | "
-                     f"{r['wall_s']:.0f} |")
+                     f"{'-' if r.get('fscore_002') is None else fmt(r['fscore_002'], '.3f')} | {r['wall_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +213,39 @@ def update_readme(table: str) -> None:
     readme.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
+def collect(sources: list[str], tag: str, readme: bool, results: Path = RESULTS) -> int:
+    """The table, targets and contact sheets of runs made by earlier calls (e.g. on a GPU, one call per preset),
+    from their results files; each row's F@0.02 is read from its eval.json where the file predates it."""
+    rows = []
+    for source in sources:
+        path, _, method = source.partition("#")
+        for row in json.loads(Path(path).read_text())["runs"]:
+            if method and row["method"] != method:
+                continue
+            scores = Path(row["outdir"]) / "eval.json"
+            if row.get("fscore_002") is None and row.get("exit_code") == 0 and scores.is_file():
+                row["fscore_002"] = fscore_002(json.loads(scores.read_text())["geometry"])
+            rows.append({**row, "source": Path(path).name})
+    key = {"object": list(dict.fromkeys(r["object"] for r in rows)), "preset": ["demo", "fast", "standard", "paper"]}
+    rows.sort(key=lambda r: (key["object"].index(r["object"]), key["preset"].index(r["preset"])
+                             if r["preset"] in key["preset"] else 9, r["method"] != "realfusion"))
+    slug = tag or "collected"
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for obj, preset in dict.fromkeys((r["object"], r["preset"]) for r in rows):
+        side_by_side([r for r in rows if r["object"] == obj and r["preset"] == preset], methods,
+                     results / f"methods_{slug}" / f"{obj}_{preset}.png")
+    table = f"Runs from {', '.join(f'`{Path(s).name}`' for s in sources)}.\n" + markdown_table(rows, slug)
+    result = {"device": slug, "sources": sources, "runs": rows, "targets": verdicts(rows)}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
+    (results / f"methods_{slug}.md").write_text(table)
+    if readme:
+        update_readme(table)
+    print(table)
+    print(json.dumps(result["targets"], indent=2))
+    return 0
+
+
 def main() -> int:
     from engine.harness.objects import OBJECTS
     from engine.methods import METHODS
@@ -228,7 +267,12 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="results go to methods_<device>_<tag>.* (a variant's own files)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "out" / "compare_methods")
     parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+    parser.add_argument("--from", dest="from_results", nargs="+", metavar="RESULTS.json[#METHOD]",
+                        help="run nothing: one table and contact sheets from earlier runs' results files (only "
+                             "METHOD's rows of a file named with #METHOD), written under --tag")
     args = parser.parse_args()
+    if args.from_results:
+        return collect(args.from_results, args.tag, args.readme)
 
     slug = device_slug(args.device) + (f"_{args.tag}" if args.tag else "")
     per_method: dict[str, list[str]] = {}

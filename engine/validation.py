@@ -252,6 +252,7 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("fit.ema_every", 1, 1_000_000)
 
     k = cfg.conrad
+    need(k.image_loss >= 0, "conrad.image_loss", "0 or more")
     need(k.delta >= 0, "conrad.delta", "0 or more (world units)")
     need(0 < k.depth_threshold < 1, "conrad.depth_threshold", "between 0 and 1")
     between("conrad.depth_refresh_every", 1, 1_000_000)

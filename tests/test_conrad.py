@@ -48,10 +48,11 @@ def constrained_ball(radius=0.4, delta=0.05):
     return constrained, field, camera, photo
 
 
-def test_estimated_depth_is_the_analytic_surface_within_one_sample_spacing():
+@pytest.mark.parametrize("threshold", [0.05, 0.5])  # ConRad's own (`paper`), and the median of `standard`/`fast`
+def test_estimated_depth_is_the_analytic_surface_within_one_sample_spacing(threshold):
     radius = 0.4
     field, camera = ball_and_camera(radius)
-    depth = estimate_depth(field, camera, field.bound, SAMPLES).reshape(-1)
+    depth = estimate_depth(field, camera, field.bound, SAMPLES, threshold).reshape(-1)
     t_true, origins, dirs = true_ball_hits(camera, radius)
     from engine.renderer import intersect_box
 
@@ -64,8 +65,9 @@ def test_estimated_depth_is_the_analytic_surface_within_one_sample_spacing():
     assert clear.sum() > 100
     spacing = (far - near) / SAMPLES
     # The field reaches optical depth ln 2 at its surface (analytic_fields.ShapeField) and then grows at its peak
-    # density: transmittance falls to 0.05 (optical depth ln 20) a closed-form distance behind the surface.
-    t_threshold = t_true + (math.log(20.0) - math.log(2.0)) / field.peak
+    # density: transmittance falls to `threshold` (optical depth -ln threshold) a closed-form distance behind
+    # the surface; the median (0.5) is the surface itself.
+    t_threshold = t_true + (-math.log(threshold) - math.log(2.0)) / field.peak
     error = (t_estimated - t_threshold).abs()
     assert bool((error[clear] <= spacing[clear]).all()), float((error[clear] / spacing[clear]).max())
     assert bool((depth[miss_distance > radius + 0.1] >= 1e3).all())  # a ray that misses (its tail too) meets nothing
@@ -89,7 +91,8 @@ def test_a_point_in_front_of_the_surface_takes_the_photos_pixel_and_one_behind_t
 
 def test_the_reference_view_of_a_constrained_field_is_the_photo_from_the_first_iteration():
     torch.manual_seed(0)
-    cfg = small_config("loss.sds=0", "fit.iterations=3")
+    # ConRad's own surface threshold: 95 % of each ray's opacity lies in front of the estimated surface
+    cfg = small_config("loss.sds=0", "fit.iterations=3", "conrad.depth_threshold=0.05")
     reference, camera = sphere_reference(cfg)
     baseline = psnr(RealFusionSystem(cfg, reference, NoPrior(), torch.device("cpu")).render(camera).rgb[0],
                     reference.rgb)
@@ -231,3 +234,19 @@ def test_the_mesh_depth_map_is_the_nearest_surface_along_the_cameras_axis():
     expected = t_true * (dirs @ forward)
     assert bool(((depth - expected).abs()[clear] < 2e-3).all())  # the chords of a fine icosphere
     assert bool((depth[~hit & (miss_distance > 0.41)] == EMPTY_DEPTH).all())
+
+
+def test_the_surface_threshold_per_preset_and_the_optional_color_image_loss():
+    from engine.config import build_config
+
+    assert build_config("paper", method="conrad").conrad.depth_threshold == 0.05  # ConRad's own
+    assert {build_config(p, method="conrad").conrad.depth_threshold for p in ("standard", "fast", "demo")} == {0.5}
+    cfg = small_config("conrad.image_loss=2.5")
+    reference, _camera = sphere_reference(cfg)
+    cfg.method = "conrad"
+    system = RealFusionSystem(cfg, reference, NoPrior(), torch.device("cpu"))
+    assert system.loss_weights(0)["image"] == 2.5
+    from engine.validation import InvalidSettings, checked_config
+
+    with pytest.raises(InvalidSettings, match="conrad.image_loss"):
+        checked_config("fast", ["conrad.image_loss=-1"], method="conrad")

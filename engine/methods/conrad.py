@@ -24,7 +24,6 @@ class ConRad(Method):
     name = "conrad"
     title = "ConRad"
     description = "Image-constrained radiance field: the photo's own colors on the visible surface (Purushwalkam & Naik 2023)"
-    loss_overrides = {"image": 0.0}
 
     def __init__(self, system):
         super().__init__(system)
@@ -40,6 +39,9 @@ class ConRad(Method):
                                                     outside_mask=cfg.conrad.outside_mask)
         self.fit_field = self._wrap(system.field)
         self.display = {}  # id(field) -> its wrapper: the averaged field and, for use_ema=False, the field itself
+
+    def loss_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        return {**weights, "image": self.system.cfg.conrad.image_loss}
 
     # --- the depth of the visible surface, on a schedule -------------------------------------------
 
