@@ -32,14 +32,21 @@ from . import (client, engine_process, importer, jobs, messages, operators, pane
 
 MODULES = (properties, preferences, operators, panels)
 HEALTH_EVERY_S = 5.0
+HEALTH_POLL_S = 0.2  # while a check is under way
 _last_health = [None]
 
 
 def health_tick():
-    """Every few seconds, refresh the engine's health in a thread and redraw the panels when it changed."""
+    """Every few seconds, ask the engine's health (in a follower process) and redraw the panels when it
+    changed; while a check is under way, look for its answer often."""
+    health = engine_process.HEALTH
     try:
-        engine_process.HEALTH.refresh_async(preferences.make_client(bpy.context, timeout=2.0))
-        summary = engine_process.HEALTH.summary()
+        if health.check is None:
+            health.refresh_async(preferences.make_client(bpy.context, timeout=2.0))
+            return HEALTH_POLL_S
+        if not health.collect():
+            return HEALTH_POLL_S
+        summary = health.summary()
         if summary != _last_health[0]:
             _last_health[0] = summary
             operators.tag_redraw()
@@ -106,6 +113,8 @@ def unregister():
         if handler in handlers:
             handlers.remove(handler)
     jobs.detach_all()
+    jobs.stop_all()
+    engine_process.HEALTH.stop()
     previews.clear()
     for module in reversed(MODULES):
         module.unregister()

@@ -3,7 +3,7 @@
 
 Blender's Python has no torch and no `requests`; the engine runs in its own process
 (`realfusion serve`) and this module only speaks JSON over loopback. It never touches
-`bpy`, so it can run in a worker thread and in tests outside Blender.
+`bpy`, so it runs in the add-on's follower process (follower.py) and in tests outside Blender.
 
 Every failure becomes an `EngineError` with a `problem` a user can read and a `fix`
 that says what to do; errors the engine reports (`{"error": {"problem", "fix"}}`) are

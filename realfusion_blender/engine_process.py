@@ -9,13 +9,14 @@ No `bpy` here: the preferences' buttons and the panel call these functions.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from . import jobs
 from .client import EngineClient, EngineError, host_port
 
 LOG_NAME = "realfusion-engine.log"
@@ -140,36 +141,70 @@ PROCESS = EngineProcess()
 
 
 class Health:
-    """The engine's last known health, refreshed in a thread (the panel only reads it)."""
+    """The engine's last known health. `refresh_async` asks /health from a follower process (Blender runs no
+    Python thread of ours, see jobs.py) and `collect` reads its answer on the main thread; the panel only reads
+    `info` and `error`."""
 
     def __init__(self):
-        self.lock = threading.Lock()
         self.info: dict | None = None
         self.error: EngineError | None = None
         self.checked = 0.0
-        self.checking = False
+        self.check = None  # the jobs.FollowerProcess of the check under way
+        self.deadline = 0.0  # when that check is taken for stuck
 
     def refresh(self, client: EngineClient) -> None:
-        """Ask /health now (blocking); call it from a thread."""
+        """Ask /health now (blocking: for a button the user pressed)."""
         try:
             info, error = client.health(), None
         except EngineError as exc:
             info, error = None, exc
-        with self.lock:
-            self.info, self.error, self.checked, self.checking = info, error, time.time(), False
+        self.info, self.error, self.checked = info, error, time.time()
 
-    def refresh_async(self, client: EngineClient, on_done=None) -> None:
-        with self.lock:
-            if self.checking:
+    def refresh_async(self, client: EngineClient) -> None:
+        """Take the last check's answer if it came, and start another unless one is under way (main thread)."""
+        self.collect()
+        if self.check is None:
+            try:
+                self.check = jobs.FollowerProcess("health", {"url": client.base_url, "token": client.token,
+                                                             "timeout": client.timeout})
+            except EngineError as exc:
+                self.info, self.error, self.checked = None, exc, time.time()
                 return
-            self.checking = True
+            self.check.close_stdin()  # it reads only the spec
+            self.deadline = time.monotonic() + 3 * client.timeout + 10.0
 
-        def run():
-            self.refresh(client)
-            if on_done is not None:
-                on_done()
+    def collect(self) -> bool:
+        """Read the answer of a finished check (one that outlived its deadline is stopped); True if one came."""
+        if self.check is None:
+            return False
+        if self.check.alive():
+            if time.monotonic() < self.deadline:
+                return False
+            self.check.kill()  # stuck: a name lookup that never returns, a suspended process
+            self.check.process.wait(5)
+        check, self.check = self.check, None
+        lines = jobs.LineReader(check.path).read()
+        jobs.remove_file(check.path)
+        jobs.reap()
+        answer = next((a for a in map(_json_or_none, reversed(lines))
+                       if isinstance(a, dict) and ("info" in a or "error" in a)), {})
+        if "info" in answer:
+            self.info, self.error = answer["info"], None
+        else:
+            error = answer.get("error") or {"problem": f"The engine health check stopped (exit code "
+                                                       f"{check.process.returncode}).", "fix": "", "kind": "bug"}
+            self.info = None
+            self.error = EngineError(error.get("problem", ""), error.get("fix", ""), kind=error.get("kind", "engine"))
+        self.checked = time.time()
+        return True
 
-        threading.Thread(target=run, name="realfusion-health", daemon=True).start()
+    def stop(self) -> None:
+        """The add-on is being disabled: no check outlives it."""
+        if self.check is not None:
+            self.check.kill()
+            jobs.remove_file(self.check.path)
+            self.check = None
+            jobs.reap()
 
     def summary(self) -> str:
         if self.info:
@@ -180,6 +215,13 @@ class Health:
         if self.error is not None:
             return "Engine not reachable" if self.error.kind == "offline" else "Engine error"
         return "Engine not checked yet"
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 HEALTH = Health()

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """Operators, and the per-tick logic of the Reconstruct operator.
 
-The Reconstruct operator is modal on a timer: a `JobWorker` thread does the HTTP, and on
+The Reconstruct operator is modal on a timer: a `JobWorker` (a follower process) does the HTTP, and on
 every TIMER event `poll_job_once` applies what it learned to the scene (main thread), and
 imports the result when the job is done. Background `bpy` never fires timers or modal
 events, so tests call `start_job` and `poll_job_once` directly.
@@ -228,8 +228,12 @@ def start_job(context, image_name: str = "", extra_overrides: list[str] | None =
         submission["initializer"] = initializer
     worker = JobWorker(preferences.make_client(context), key, folder, submission=submission,
                        poll_interval=_poll_interval(context))
+    try:
+        worker.start()
+    except EngineError:
+        remove_job(settings, key)  # the scene as it was
+        raise
     WORKERS[key] = worker
-    worker.start()
     return key
 
 
@@ -244,14 +248,16 @@ def follow_job(context, key: str, resume: bool = False) -> JobWorker:
     worker = WORKERS.get(key)
     if worker is not None and worker.is_alive():
         return worker
+    if worker is not None:
+        worker.detach()  # an ended follower being replaced: its file goes
     job.error_problem = job.error_fix = job.error_kind = ""
     job.cancel_requested = False
     job.state, job.message = "checking", "Asking the engine"
     records.remember(found[0], job)
     worker = JobWorker(preferences.make_client(context), key, bpy.path.abspath(job.folder), job_id=job.job_id,
                        resume=resume, poll_interval=_poll_interval(context))
-    WORKERS[key] = worker
     worker.start()
+    WORKERS[key] = worker
     return worker
 
 
@@ -358,7 +364,7 @@ def poll_job_once(context, key: str) -> str | None:
         WORKERS.pop(key, None)
         return "gone"
     if job.state in ACTIVE_STATES:
-        if worker is None or worker.is_alive() or not worker.updates.empty():
+        if worker is None or worker.pending():
             return None
         return job.state  # the worker ended without a final word (detached)
     WORKERS.pop(key, None)

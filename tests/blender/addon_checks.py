@@ -77,6 +77,12 @@ def our_threads():
     return [t for t in threading.enumerate() if t.name.startswith("realfusion")]
 
 
+def running_followers():
+    from realfusion_blender import jobs
+
+    return jobs.running_followers()
+
+
 # ------------------------------------------------------------------------------------------- registration
 
 def addon_footprint() -> dict:
@@ -102,18 +108,22 @@ def check_register_unregister_leaves_nothing_behind():
         assert name in enabled["types"], (name, enabled["types"])
 
     # A job in flight when the add-on is disabled: its worker stops, the engine keeps the job.
-    from realfusion_blender.operators import start_job
+    from realfusion_blender.operators import find_job, poll_job_once, start_job
 
     try:
         with serving("slow") as engine:
             load_photo()
-            start_job(bpy.context)
-            wait_for(lambda: engine.jobs, what="the submission")
+            key = start_job(bpy.context)
+            # the job's id has reached the scene (a follower detached before that cancels the job it
+            # submitted: nobody could ever fetch it)
+            wait_for(lambda: poll_job_once(bpy.context, key) is None and find_job(key)[1].job_id,
+                     what="the submission")
             disable_addon()
             gone = addon_footprint()
             assert gone["types"] == [] and not gone["scene_property"] and not gone["load_pre"] \
                 and not gone["timer"] and not gone["enabled"], gone
-            wait_for(lambda: not our_threads(), timeout=5, what="the worker thread to end")
+            wait_for(lambda: not running_followers(), timeout=5, what="the job's follower process to end")
+            assert not our_threads()  # Blender's process runs no Python thread of ours (jobs.py says why)
             assert ("DELETE", "/jobs/job1") not in engine.requests  # disabling is not cancelling
     finally:
         if "realfusion_blender" not in bpy.context.preferences.addons:
@@ -770,7 +780,7 @@ def check_reconstruct_against_a_fake_engine_imports_the_result():
         background = camera.data.background_images[0].image
         assert background.filepath.endswith("reference.png")  # the engine's framing of the photo
         assert bpy.context.view_layer.objects.active.name == "photo"
-        assert not [t for t in our_threads() if t.name.startswith("realfusion-job")]
+        assert not our_threads()  # the job was followed by a process, never a thread of Blender's
 
 
 def check_several_jobs_run_side_by_side():
@@ -851,6 +861,76 @@ def check_a_failed_job_resumes_on_the_engine():
         assert find_job(key)[1].error_problem == ""
 
 
+def check_a_killed_follower_is_a_clear_failure_and_check_again_follows_anew():
+    from realfusion_blender import jobs
+    from realfusion_blender.operators import find_job, poll_job_once, start_job
+
+    with serving("ok", running_polls=6) as engine:
+        load_photo()
+        key = start_job(bpy.context)
+        wait_for(lambda: poll_job_once(bpy.context, key) is None and find_job(key)[1].state == "running",
+                 what="the job to run")
+        jobs.WORKERS[key].follower.kill()  # the follower process dies mid-job (the engine goes on)
+        outcome, _ = drive(bpy.context, key)
+        job = find_job(key)[1]
+        assert outcome == "failed" and "follower stopped" in job.error_problem, (outcome, job.error_problem)
+        assert "Check Again" in job.error_fix and job.job_id == "job1"
+        assert ("DELETE", "/jobs/job1") not in engine.requests
+        assert bpy.ops.realfusion.follow(key=key) == {'FINISHED'}
+        assert drive(bpy.context, key)[0] == "imported" and len(engine.submissions) == 1
+
+
+def check_the_panels_health_check_runs_in_a_follower_process():
+    from realfusion_blender import engine_process, jobs
+    from realfusion_blender.client import EngineClient
+
+    health = engine_process.Health()
+    with fake_engine("ok") as engine:
+        health.refresh_async(EngineClient(engine.url, token="secret", timeout=2.0))
+        assert health.check is not None and not our_threads()  # a process, not a thread
+        wait_for(health.collect, what="the health answer")
+    assert health.info["version"] == "0.0-fake" and health.error is None
+    health.refresh_async(EngineClient(closed_port_url(), timeout=2.0))
+    wait_for(health.collect, what="the health answer of a stopped engine")
+    assert health.info is None and health.error.kind == "offline"
+    assert not jobs.running_followers()
+
+
+def check_a_follower_that_cannot_start_is_an_error_and_leaves_nothing():
+    import glob
+
+    from realfusion_blender.client import EngineError
+    from realfusion_blender.operators import start_job
+
+    with serving("ok") as engine:
+        load_photo()
+        before, files = scene_state(), set(glob.glob(os.path.join(tempfile.gettempdir(), "realfusion-*")))
+        saved, sys.executable = sys.executable, os.path.join(TMP, "no-such-python")
+        try:
+            start_job(bpy.context)
+        except EngineError as exc:
+            assert "Python was not found" in exc.problem and exc.fix, exc
+        else:
+            raise AssertionError("a job started without a Python to follow it")
+        finally:
+            sys.executable = saved
+        assert scene_state() == before and not engine.submissions
+        assert set(glob.glob(os.path.join(tempfile.gettempdir(), "realfusion-*"))) == files
+
+
+def check_a_job_whose_blender_went_away_during_its_submission_is_cancelled():
+    from realfusion_blender import jobs
+    from realfusion_blender.operators import start_job
+
+    with serving("slow", submit_delay=1.0) as engine:
+        load_photo()
+        key = start_job(bpy.context)
+        wait_for(lambda: engine.jobs, what="the submission")
+        jobs.WORKERS.pop(key).detach()  # Blender closes before the job's id came back
+        wait_for(lambda: ("DELETE", "/jobs/job1") in engine.requests, what="the orphan job's cancel")
+        wait_for(lambda: not jobs.running_followers(), timeout=5, what="the follower to end")
+
+
 def check_cancel_reaches_the_engine():
     from realfusion_blender.operators import find_job, poll_job_once, start_job
 
@@ -880,8 +960,7 @@ def check_a_job_survives_closing_the_file_and_is_fetched_later():
         bpy.ops.wm.save_mainfile()
         bpy.ops.wm.read_homefile(use_empty=True)  # Blender "closes" the file: we stop following the job
         assert key not in jobs.WORKERS
-        wait_for(lambda: not [t for t in our_threads() if t.name.startswith("realfusion-job")], timeout=5,
-                 what="the worker to stop")
+        wait_for(lambda: not running_followers(), timeout=5, what="the job's follower process to stop")
         bpy.ops.wm.open_mainfile(filepath=blend)
         job = find_job(key)[1]
         assert job.job_id == "job1" and job.state in ("queued", "running") and not job.imported

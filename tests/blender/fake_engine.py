@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RESULTS = ("mesh.glb", "camera.json", "reference.png", "preview.png")
@@ -24,8 +25,9 @@ class FakeEngine:
     broken (the job ends well but its mesh.glb is not a GLB)."""
 
     def __init__(self, files_dir: str, mode: str = "ok", running_polls: int = 4, token: str = "secret",
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, submit_delay: float = 0.0):
         self.files_dir = files_dir
+        self.submit_delay = submit_delay
         self.mode = mode
         self.running_polls = running_polls
         self.token = token
@@ -132,6 +134,7 @@ class FakeEngine:
                "message": "Waiting for its turn", "error": None, "files": {}, "metrics": {}, "polls": 0,
                "queue_position": 0}
         self.jobs[job_id] = job
+        time.sleep(self.submit_delay)  # the job exists; its id is still on its way to the client
         self.json(request, 201, self.public(job))
 
     def advance(self, job: dict) -> None:
