@@ -25,6 +25,8 @@ if "bpy" in locals():  # Reload Scripts: reload the submodules in dependency ord
                     preferences, importer, operators, panels):  # noqa: F821
         importlib.reload(_module)
 
+import time
+
 import bpy
 
 from . import (client, engine_process, importer, jobs, messages, operators, panels, preferences,  # noqa: F401
@@ -33,6 +35,7 @@ from . import (client, engine_process, importer, jobs, messages, operators, pane
 MODULES = (properties, preferences, operators, panels)
 HEALTH_EVERY_S = 5.0
 HEALTH_POLL_S = 0.2  # while a check is under way
+HEALTH_UNSEEN_S = 30.0  # checks stop while no panel has drawn the engine's line for this long
 _last_health = [None]
 
 
@@ -42,6 +45,8 @@ def health_tick():
     health = engine_process.HEALTH
     try:
         if health.check is None:
+            if time.monotonic() - health.shown > HEALTH_UNSEEN_S:
+                return HEALTH_EVERY_S  # no panel shows it: no process is started for it
             health.refresh_async(preferences.make_client(bpy.context, timeout=2.0))
             return HEALTH_POLL_S
         if not health.collect():

@@ -151,6 +151,7 @@ class Health:
         self.checked = 0.0
         self.check = None  # the jobs.FollowerProcess of the check under way
         self.deadline = 0.0  # when that check is taken for stuck
+        self.shown = 0.0  # when a panel last drew the engine's line (time.monotonic)
 
     def refresh(self, client: EngineClient) -> None:
         """Ask /health now (blocking: for a button the user pressed)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import bpy
 
@@ -108,6 +109,7 @@ def draw_error(layout, context, problem: str, fix: str, kind: str, dismiss: bool
 
 def draw_engine(layout, context) -> None:
     health = engine_process.HEALTH
+    health.shown = time.monotonic()  # someone looks at it: the health timer keeps it fresh
     row = layout.row(align=True)
     icon = 'CHECKMARK' if health.info else 'ERROR' if health.error is not None else 'QUESTION'
     row.label(text=health.summary(), icon=icon)

@@ -896,6 +896,20 @@ def check_the_panels_health_check_runs_in_a_follower_process():
     assert not jobs.running_followers()
 
 
+def check_the_health_timer_checks_only_while_a_panel_shows_the_engine():
+    from realfusion_blender import engine_process, health_tick, jobs, panels
+
+    health = engine_process.HEALTH
+    with serving("ok"):
+        health.shown, health.info, health.error = 0.0, None, None
+        assert health_tick() == 5.0 and health.check is None  # nobody looks: no process
+        draw_panel(panels.VIEW3D_PT_realfusion)  # the sidebar draws the engine's line
+        assert health_tick() == 0.2 and health.check is not None
+        wait_for(lambda: health_tick() == 5.0, what="the health answer")
+        assert health.info["version"] == "0.0-fake" and health.check is None
+    assert not jobs.running_followers()
+
+
 def check_a_follower_that_cannot_start_is_an_error_and_leaves_nothing():
     import glob
 
