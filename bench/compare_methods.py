@@ -230,12 +230,19 @@ def collect(sources: list[str], tag: str, readme: bool, results: Path = RESULTS)
     rows.sort(key=lambda r: (key["object"].index(r["object"]), key["preset"].index(r["preset"])
                              if r["preset"] in key["preset"] else 9, r["method"] != "realfusion"))
     slug = tag or "collected"
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    table = f"Runs from {', '.join(f'`{Path(s).name}`' for s in sources)}.\n" + markdown_table(rows, slug)
+    result = {"device": slug, "sources": sources, "runs": rows, "targets": verdicts(rows)}
+    write_results(rows, list(dict.fromkeys(r["method"] for r in rows)), slug, table, result, readme, results)
+    return 0
+
+
+def write_results(rows: list[dict], methods: list[str], slug: str, table: str, result: dict, readme: bool,
+                  results: Path = RESULTS) -> None:
+    """A contact sheet per object and preset, methods_<slug>.json / .md (and README's table), and the table
+    and targets printed."""
     for obj, preset in dict.fromkeys((r["object"], r["preset"]) for r in rows):
         side_by_side([r for r in rows if r["object"] == obj and r["preset"] == preset], methods,
                      results / f"methods_{slug}" / f"{obj}_{preset}.png")
-    table = f"Runs from {', '.join(f'`{Path(s).name}`' for s in sources)}.\n" + markdown_table(rows, slug)
-    result = {"device": slug, "sources": sources, "runs": rows, "targets": verdicts(rows)}
     results.mkdir(parents=True, exist_ok=True)
     (results / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
     (results / f"methods_{slug}.md").write_text(table)
@@ -243,7 +250,6 @@ def collect(sources: list[str], tag: str, readme: bool, results: Path = RESULTS)
         update_readme(table)
     print(table)
     print(json.dumps(result["targets"], indent=2))
-    return 0
 
 
 def main() -> int:
@@ -318,21 +324,10 @@ def main() -> int:
             for i, row in zip(again, pool.map(work, [jobs[i] for i in again])):
                 rows[i] = {**row, "retried_after_oom": True}
 
-    for obj in args.objects:
-        for preset in args.presets:
-            side_by_side([r for r in rows if r["object"] == obj and r["preset"] == preset], args.methods,
-                         RESULTS / f"methods_{slug}" / f"{obj}_{preset}.png")
-    table = markdown_table(rows, slug)
     result = {"device": slug, "presets": args.presets, "objects": args.objects, "methods": args.methods,
               "overrides": args.overrides, "method_overrides": per_method, "runs": rows, "targets": verdicts(rows)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"methods_{slug}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"methods_{slug}.md").write_text(table)
+    write_results(rows, args.methods, slug, markdown_table(rows, slug), result, args.readme)
     (RESULTS / f"methods_{slug}_partial.json").unlink(missing_ok=True)
-    if args.readme:
-        update_readme(table)
-    print(table)
-    print(json.dumps(result["targets"], indent=2))
     return 0 if all(r.get("exit_code") == 0 for r in rows) else 1
 
 

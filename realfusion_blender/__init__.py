@@ -118,7 +118,6 @@ def unregister():
         if handler in handlers:
             handlers.remove(handler)
     jobs.detach_all()
-    jobs.stop_all()
     engine_process.HEALTH.stop()
     previews.clear()
     for module in reversed(MODULES):

@@ -292,7 +292,6 @@ class FollowerProcess:
             raise EngineError(f"The add-on could not start its job follower ({exc}).",
                               "Try again; if it keeps failing, report it with the console output.",
                               kind="bug") from exc
-        self.started = time.monotonic()
         RUNNING.append(self)
 
     def alive(self) -> bool:
@@ -333,14 +332,6 @@ def reap() -> None:
     for path in list(LEFT_TO_REMOVE):
         LEFT_TO_REMOVE.discard(path)
         remove_file(path)
-
-
-def stop_all() -> None:
-    """Blender is closing the add-on: every follower is told to detach (the engine goes on with its jobs)."""
-    for follower in list(RUNNING):
-        follower.send("detach")
-        follower.close_stdin()
-    reap()
 
 
 class LineReader:
@@ -469,6 +460,7 @@ def detach_all() -> None:
     for worker in list(WORKERS.values()):
         worker.detach()
     WORKERS.clear()
+    reap()
 
 
 def running_followers() -> list[FollowerProcess]:
