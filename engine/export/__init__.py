@@ -32,7 +32,7 @@ from ..methods import method_for
 from ..progress import Progress, ProgressCallback
 from .bake import bake_source
 from .gltf import CameraData, MeshData, glb_bytes, obj_files
-from .mesh import DensityField, Outline, extract_surface, object_bound
+from .mesh import DensityField, Outline, camera_sight_lines, extract_surface, object_bound
 from .placement import Placement, camera_description
 from .texture import albedo_at, bake_albedo, unwrap
 
@@ -41,6 +41,7 @@ CAMERA_FILE = "camera.json"
 REPORT_FILE = "export.json"
 FORMATS = ("glb", "obj")
 ORIGINS = ("center", "bottom")
+CAVITY_SIGHTS = ("cameras", "axes")  # which lines of sight decide that a void is seen (mesh.clean_occupancy)
 MESH_NODE, CAMERA_NODE = "realfusion_object", "reference_camera"
 STEPS = ("density", "surface", "decimate", "unwrap", "color", "write")
 OUTLINE_PIXELS = 128  # the reference mask is matched at most this many pixels a side (see mesh.outline_level)
@@ -74,6 +75,9 @@ def check_config(cfg: ExportConfig) -> None:
         refuse(f"object_size_m={cfg.object_size_m} is negative", "Use a --size in meters (0 keeps the field's units).")
     if cfg.origin not in ORIGINS:
         refuse(f"origin={cfg.origin!r} is not one of {', '.join(ORIGINS)}", "Use --set export.origin=center.")
+    if cfg.cavity_sight not in CAVITY_SIGHTS:
+        refuse(f"cavity_sight={cfg.cavity_sight!r} is not one of {', '.join(CAVITY_SIGHTS)}",
+               "Use --set export.cavity_sight=cameras.")
 
 
 def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch.device | None = None,
@@ -96,8 +100,9 @@ def export(outdir: Path, cfg: ExportConfig | None = None, *, device: str | torch
                           "Run `realfusion reconstruct` again into this folder to write it anew.") from exc
     export_cfg = dataclasses.replace(cfg or run_cfg.export, **changes)
     camera = reference_camera(run_cfg.camera, run_cfg.matting.image_size)
+    sight_lines = camera_sight_lines(run_cfg.camera.polar_range_deg[1]) if export_cfg.cavity_sight == "cameras" else None
     result = export_field(field, run_cfg.field.bound, camera, outdir, export_cfg, device=dev, report=report,
-                          outline=_reference_outline(outdir, run_cfg))
+                          outline=_reference_outline(outdir, run_cfg), sight_lines=sight_lines)
     _note_in_status(outdir, result)
     return result
 
@@ -121,11 +126,13 @@ def _reference_outline(outdir: Path, run_cfg: ReconstructionConfig) -> Outline |
 
 def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Path, cfg: ExportConfig, *,
                  device="cpu", report: ProgressCallback | None = None,
-                 outline: Outline | None = None) -> ExportResult:
+                 outline: Outline | None = None, sight_lines: np.ndarray | None = None) -> ExportResult:
     """Mesh, color and camera of `field` (seen from `camera[0]`, the reference view) into `outdir`.
 
     With an `outline` (the reference camera and the object's mask), the surface level is the one whose
-    outline covers the mask (mesh.outline_level); without, the level where head-on rays are half opaque."""
+    outline covers the mask (mesh.outline_level); without, the level where head-on rays are half opaque.
+    `sight_lines` ([K,3], toward the cameras) decide which voids no camera sees (mesh.clean_occupancy); without,
+    the six axes do."""
     import trimesh
 
     check_config(cfg)
@@ -144,7 +151,7 @@ def export_field(field: DensityField, bound: float, camera: Cameras, outdir: Pat
     report(Progress("export", 0, len(STEPS)))
     surface = extract_surface(field, object_bound(field, bound, device), cfg.resolution, cfg.max_faces,
                               cfg.min_component_fraction, device, progress, outline,
-                              round(cfg.cavity_closing * cfg.resolution))
+                              round(cfg.cavity_closing * cfg.resolution), sight_lines)
     placement = Placement.for_vertices(surface.vertices, cfg.object_size_m, cfg.origin)
     normals = trimesh.Trimesh(surface.vertices, surface.faces, process=False).vertex_normals
     colors = bake_source(field, surface.vertices, surface.faces)  # ConRad: the photo on what the camera sees of the mesh

@@ -311,8 +311,8 @@ def _boundary_fraction_above(grid: np.ndarray, level: float) -> float:
     return float(sum((f >= level).sum() for f in faces) / sum(f.size for f in faces))
 
 
-def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float,
-                    closing_voxels: int = 0) -> tuple[np.ndarray, int]:
+def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float, closing_voxels: int = 0,
+                    sight_lines: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The grid with floaters (parts under `min_fraction` of the largest) emptied and hidden cavities filled.
 
     A cavity is empty space that no outside camera can see. A fitted field is only constrained where rays
@@ -345,9 +345,12 @@ def clean_occupancy(grid: np.ndarray, level: float, min_fraction: float,
         # (lines of sight through pores narrower than the closing are blocked, by the solid grown by half of it;
         # what lies within that half of a seen voxel is seen too, so a seen crease keeps its whole width)
         half = max(1, closing_voxels // 2)
-        seen = seen_from_outside(ndimage.binary_dilation(solid, ball, iterations=half))
-        seen = ndimage.binary_dilation(seen, ball, iterations=half)
-        solid |= ~outside[pad:-pad, pad:-pad, pad:-pad] & ~seen
+        blocking = ndimage.binary_dilation(solid, ball, iterations=half)
+        if sight_lines is None:
+            seen = ndimage.binary_dilation(seen_from_outside(blocking), ball, iterations=half)
+            solid |= ~outside[pad:-pad, pad:-pad, pad:-pad] & ~seen
+        else:
+            solid |= ~ndimage.binary_dilation(seen_along_lines(blocking, sight_lines), ball, iterations=half)
     cleaned = grid.copy()
     cleaned[inside & ~kept] = 0.0
     cleaned[solid & ~kept] = max(2.0 * level, level + 1.0)  # cavities (and the removed parts inside them)
@@ -379,9 +382,61 @@ def seen_from_outside(solid: np.ndarray) -> np.ndarray:
     return seen
 
 
+def camera_sight_lines(polar_max_deg: float, count: int = 48) -> np.ndarray:
+    """[count,3] unit vectors (x, y, z; z up) spread evenly (a Fibonacci spiral) over the directions toward
+    cameras whose polar angle is at most `polar_max_deg`: the random views' band (0-120 deg by default)."""
+    cos_lowest = math.cos(math.radians(polar_max_deg))
+    k = np.arange(count) + 0.5
+    z = 1.0 - k / count * (1.0 - cos_lowest)
+    turn = k * math.pi * (3.0 - math.sqrt(5.0))
+    ring = np.sqrt(np.clip(1.0 - z ** 2, 0.0, None))
+    return np.stack([ring * np.cos(turn), ring * np.sin(turn), z], axis=1)
+
+
+def seen_along_lines(solid: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    """Voxels from which a digital line toward one of `directions` ([K,3], grid axes) leaves the grid
+    without crossing a `solid` voxel (the voxel itself not counted). Outside the solid's bounding box
+    nothing blocks, so the lines are followed inside that box only."""
+    seen = np.ones_like(solid)
+    filled = np.argwhere(solid)
+    if len(filled) == 0:
+        return seen
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(filled.min(0), filled.max(0)))
+    inner = np.zeros_like(solid[box])
+    for direction in np.asarray(directions, float):
+        inner |= _seen_along(solid[box], direction)
+    seen[box] = inner
+    return seen
+
+
+def _seen_along(solid: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """`seen_along_lines` for one direction: the grid sheared so that its lines are columns, then a running
+    "any solid further on" down each column."""
+    axis = int(np.argmax(np.abs(direction)))
+    lines = np.moveaxis(solid, axis, 0)
+    if direction[axis] < 0:
+        lines = lines[::-1]
+    count, height, width = lines.shape
+    slope = np.delete(direction, axis) / abs(direction[axis])
+    shifts = np.rint(np.outer(np.arange(count), slope)).astype(int)  # where slice k's voxel of a line sits
+    pad = int(np.abs(shifts).max())
+    sheared = np.zeros((count, height + 2 * pad, width + 2 * pad), bool)
+    windows = [(slice(pad - a, pad - a + height), slice(pad - b, pad - b + width)) for a, b in shifts]
+    for k, window in enumerate(windows):
+        sheared[k][window] = lines[k]
+    blocked_beyond = np.logical_or.accumulate(sheared[::-1], axis=0)[::-1]  # solid here or further on
+    seen = np.ones_like(lines)
+    for k, window in enumerate(windows[:-1]):
+        seen[k] = ~blocked_beyond[k + 1][window]
+    if direction[axis] < 0:
+        seen = seen[::-1]
+    return np.moveaxis(seen, 0, axis)
+
+
 def extract_surface(field: DensityField, bound: float, resolution: int, max_faces: int = 0,
                     min_component_fraction: float = 0.1, device="cpu", progress=None,
-                    outline: Outline | None = None, closing_voxels: int = 0) -> Surface:
+                    outline: Outline | None = None, closing_voxels: int = 0,
+                    sight_lines: np.ndarray | None = None) -> Surface:
     """Grid, level, cleanup, marching cubes and decimation: a closed mesh in field coordinates.
 
     With an `outline` (the reference camera and the object's mask in it) the level is the one whose
@@ -390,11 +445,13 @@ def extract_surface(field: DensityField, bound: float, resolution: int, max_face
     progress = progress or (lambda _name: None)
     grid = sample_density(field, bound, resolution, device, outline)
     progress("density")
-    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress, outline, closing_voxels)
+    return surface_from_grid(grid, bound, max_faces, min_component_fraction, progress, outline, closing_voxels,
+                             sight_lines)
 
 
 def surface_from_grid(grid: np.ndarray, bound: float, max_faces: int = 0, min_component_fraction: float = 0.1,
-                      progress=None, outline: Outline | None = None, closing_voxels: int = 0) -> Surface:
+                      progress=None, outline: Outline | None = None, closing_voxels: int = 0,
+                      sight_lines: np.ndarray | None = None) -> Surface:
     import mcubes
     import trimesh
 
@@ -403,7 +460,7 @@ def surface_from_grid(grid: np.ndarray, bound: float, max_faces: int = 0, min_co
     level = choose_level(grid, spacing)
     if outline is not None:
         level = outline_level(grid, bound, outline, level)
-    cleaned, removed = clean_occupancy(grid, level, min_component_fraction, closing_voxels)
+    cleaned, removed = clean_occupancy(grid, level, min_component_fraction, closing_voxels, sight_lines)
     touches = _boundary_fraction_above(cleaned, level) > 0.0
     # An empty layer around the grid closes the surface where the object runs into the box: always watertight.
     vertices, faces = mcubes.marching_cubes(np.pad(cleaned, 1), level)
