@@ -118,9 +118,7 @@ class PriorCase:
         self.row = sd.text_encoder.get_input_embeddings().weight[self.token_id].detach().float().clone()
 
     def guidance(self, modules) -> StableDiffusionGuidance:
-        guidance = StableDiffusionGuidance(self.sd, self.embeddings, PriorConfig())
-        guidance.modules = modules
-        return guidance
+        return StableDiffusionGuidance(self.sd, self.embeddings, PriorConfig(), modules=modules)
 
     def sds_gradient(self, modules) -> torch.Tensor:
         images = self.images.clone().requires_grad_()
@@ -141,7 +139,7 @@ class PriorCase:
         return vector.grad / TI_LOSS_SCALE
 
 
-def check_prior(sd, modes: list[str], tiny: bool, repeats: int) -> dict:
+def check_prior(sd, modes: list[str], tiny: bool, repeats: int, layout: dict | None = None) -> dict:
     device = sd.device
     case = PriorCase(sd, render_size=24 if tiny else 96, ti_resolution=sd.resolution, ti_views=4)
     backend = CPU_BACKEND if device.type == "cpu" else None
@@ -164,10 +162,14 @@ def check_prior(sd, modes: list[str], tiny: bool, repeats: int) -> dict:
         "mode": "none", "channels_last": False, "layout": "1 x batch 4", **agreement(batched, ti_reference),
         **timed(lambda: case.ti_gradient(reference_modules, batch, 1), device, repeats)}
 
+    defaults = PriorConfig()
+    layout = layout or {"channels_last": defaults.channels_last, "vae_channels_last": defaults.vae_channels_last,
+                        "vae_attention": defaults.vae_attention}
+    report["layout"] = layout
     for mode in modes:
         name = f"{mode}_channels_last" if device.type == "cuda" else mode
         try:
-            modules = prior_modules(sd, mode, channels_last=True, backend=backend if mode != "none" else None)
+            modules = prior_modules(sd, mode, backend=backend if mode != "none" else None, **layout)
             sds = {"mode": modules.mode, "channels_last": device.type == "cuda",
                    **timed(lambda: case.sds_gradient(modules), device, repeats)}
             sds.update(agreement(case.sds_gradient(modules), sds_reference))
@@ -302,6 +304,17 @@ def load_prior(tiny: bool, workdir: Path, device: torch.device, model_dir: str |
     return load_stable_diffusion(str(model_folder(model_dir, workdir, tiny)), device, "fp32" if tiny else "auto")
 
 
+def layout_of(overrides: list[str]) -> dict | None:
+    """The prior's layout settings from `--set prior.KEY=VALUE` (None: the config's defaults)."""
+    if not overrides:
+        return None
+    from engine.config import apply_overrides
+
+    prior = apply_overrides(preset("fast"), overrides).prior
+    return {"channels_last": prior.channels_last, "vae_channels_last": prior.vae_channels_last,
+            "vae_attention": prior.vae_attention}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default=",".join(MODES))
@@ -310,6 +323,9 @@ def main() -> int:
     parser.add_argument("--skip-hashgrid", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with the tests' tiny SD")
     parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it (as time_to_mesh)")
+    parser.add_argument("--set", dest="layout", action="append", default=[],
+                        help="prior.channels_last=, prior.vae_channels_last=, prior.vae_attention= for the modes "
+                             "under test (default: the config's)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         print("check_fastpaths: no CUDA GPU here (use --tiny for the CPU smoke test); nothing checked.")
@@ -331,7 +347,7 @@ def main() -> int:
             sd = load_prior(args.tiny, Path(tmp), device, args.model_dir)
             report["dtype"] = str(sd.dtype)
             modes = [m for m in args.modes.split(",") if m]
-            report["prior"] = check_prior(sd, modes, args.tiny, 2 if args.tiny else args.repeats)
+            report["prior"] = check_prior(sd, modes, args.tiny, 2 if args.tiny else args.repeats, layout_of(args.layout))
         failures += prior_failures(report["prior"])
     if device.type == "cuda":
         report["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -172,7 +172,9 @@ class CostFaithfulGuidance:
         return out
 
 
-ACTIVE: dict = {"sections": None, "system": None}  # where the instrumented steps record, and the last system
+# where the instrumented steps record, the last system, and the in-run profile (--profile-step)
+ACTIVE: dict = {"sections": None, "system": None, "profile_at": None, "profile": None}
+PROFILED_STEPS = 5
 
 
 def instrument_systems() -> None:
@@ -191,6 +193,10 @@ def instrument_systems() -> None:
             self.ema.update = sections.wrap("optimizer", type(self.ema).update.__get__(self.ema))
             self._bench_sections = sections
         ACTIVE["system"] = self
+        profiling = ACTIVE["profile_at"] is not None and self.step == ACTIVE["profile_at"]
+        if profiling:
+            report = profiled_steps(self, original)  # these steps are neither timed nor summarized
+            return report
         sections.in_step = True
         begin = sections.start()
         try:
@@ -202,6 +208,25 @@ def instrument_systems() -> None:
         return report
 
     RealFusionSystem.training_step = training_step
+
+
+def profiled_steps(system, step) -> dict:
+    """PROFILED_STEPS training steps under torch.profiler (the first, and the system's step counter
+    advances by all of them): GPU busy fraction, top kernels, top host operators (ACTIVE["profile"])."""
+    from profile_prior import kernel_summary, profiler
+
+    synchronize = torch.cuda.synchronize if system.device.type == "cuda" else (lambda: None)
+    at = system.step
+    synchronize()
+    with profiler(system.device) as prof:
+        begin = time.perf_counter()
+        for _ in range(PROFILED_STEPS):
+            report = step(system)
+        synchronize()
+        wall_ms = (time.perf_counter() - begin) * 1000 / PROFILED_STEPS
+    ACTIVE["profile"] = {"from_step": at, "steps": PROFILED_STEPS, **kernel_summary(prof, PROFILED_STEPS, wall_ms)}
+    ACTIVE["profile_at"] = None
+    return report
 
 
 def cost_faithful_prior(model: Path, mesh, cache_dir: Path, sections: Sections, holder: dict):
@@ -223,7 +248,8 @@ def cost_faithful_prior(model: Path, mesh, cache_dir: Path, sections: Sections, 
 
 
 def reference_steps(sd, cfg, mesh, device: torch.device, n: int) -> dict:
-    """Plain-way steps in this process: eager NCHW UNet/VAE, TI as 4 x batch 1 accumulated, torch hash grid.
+    """Plain-way steps in this process: eager NCHW UNet/VAE with diffusers' default (SDPA) attention, TI as
+    4 x batch 1 accumulated, torch hash grid.
 
     Run before the reconstruction, while the weights are still NCHW (fast paths switch them to
     channels_last in place)."""
@@ -268,8 +294,7 @@ def reference_steps(sd, cfg, mesh, device: torch.device, n: int) -> dict:
     ref_cfg = apply_overrides(build_config_like(cfg), ["field.backend=torch", "prior.compile=none",
                                                       "prior.channels_last=false"])
     embeddings = text_embeddings_for_guidance(sd, prompt, None, token_id)
-    sd_guidance = StableDiffusionGuidance(sd, embeddings, ref_cfg.prior)
-    sd_guidance.modules = eager
+    sd_guidance = StableDiffusionGuidance(sd, embeddings, ref_cfg.prior, modules=eager)
     fit_sections = Sections(device)
     ACTIVE["sections"] = fit_sections
     guidance = CostFaithfulGuidance(sd_guidance, OracleGuidance(mesh, ref_cfg.prior, torch.Generator().manual_seed(0),
@@ -342,6 +367,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
 
     sections = Sections(device)
     ACTIVE["sections"], ACTIVE["system"] = sections, None
+    ACTIVE["profile_at"], ACTIVE["profile"] = args.profile_step, None
     holder: dict = {}
     stages: dict[str, float] = {}
     peaks: dict[str, float] = {}
@@ -399,6 +425,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
             "steps": guidance.sd_steps, "mean_norm": float(guidance.sd_grad_norm_sum) / max(1, guidance.sd_steps)},
         "peak_gpu_memory_gib": {"max": max(peaks.values()) if peaks else None, **peaks} if device.type == "cuda"
         else None,
+        "profile": ACTIVE["profile"],
     })
     if not completed:
         result["projection_note"] = "run stopped by --max-seconds; step medians above are measured, totals are not"
@@ -455,6 +482,8 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop a preset's run past this")
     parser.add_argument("--reference-steps", type=int, default=10, help="plain-way steps timed first (0: none)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--profile-step", type=int, help=f"profile {PROFILED_STEPS} fit steps from this one "
+                        "(torch.profiler: GPU busy fraction, top kernels and host operators; not in the timings)")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny SD, a few steps at tiny sizes")
     parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it (saves a minute a run)")
     args = parser.parse_args()

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .device import to_device
+
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's grayscale
 
 
@@ -159,7 +161,7 @@ def random_rotation(shape, cfg: AugmentationConfig, generator: torch.Generator) 
 
 def warp_over_white(image: torch.Tensor, warp: torch.Tensor, resolution: int) -> torch.Tensor:
     """Sample `image` at `warp` (output -> source) into a square; outside the image is white."""
-    theta = warp[:2].to(device=image.device, dtype=image.dtype)[None]
+    theta = to_device(warp[:2].to(dtype=image.dtype), image.device)[None]
     grid = F.affine_grid(theta, [1, image.shape[0], resolution, resolution], align_corners=False)
     # grid_sample pads with zeros: sample (image - 1) so that the padding comes out as white
     sampled = F.grid_sample(image[None] - 1.0, grid, mode="bilinear",
@@ -184,7 +186,7 @@ def color_jitter(image: torch.Tensor, cfg: AugmentationConfig, generator: torch.
 
 
 def _gray(image: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, device=image.device, dtype=image.dtype)
+    weights = to_device(torch.tensor(_LUMA, dtype=image.dtype), image.device)
     return torch.einsum("c,chw->hw", weights, image)[None]
 
 
@@ -205,18 +207,12 @@ def adjust_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
 def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
     """Turn the hue by `shift` of a full turn: a rotation of the chroma plane in YIQ, a cheap,
     smooth stand-in for torchvision's HSV round trip at these small angles."""
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        device=image.device,
-        dtype=image.dtype,
-    )
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=image.dtype)
     angle = 2 * math.pi * shift
     cos, sin = math.cos(angle), math.sin(angle)
-    rotate = torch.tensor(
-        [[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]], device=image.device, dtype=image.dtype
-    )
-    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq
-    return torch.einsum("dc,chw->dhw", matrix, image)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]], dtype=image.dtype)
+    matrix = torch.linalg.inv(to_yiq) @ rotate @ to_yiq  # on the CPU: a 3 x 3 inverse on a GPU waits for it
+    return torch.einsum("dc,chw->dhw", to_device(matrix, image.device), image)
 
 
 def grayscale(image: torch.Tensor) -> torch.Tensor:

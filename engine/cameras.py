@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CameraConfig
+from .device import to_device
 
 
 @dataclass
@@ -53,8 +54,8 @@ class Cameras:
         return Cameras(self.c2w, self.fovy, width, height or width, self.polar, self.azimuth)
 
     def to(self, device) -> "Cameras":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Cameras(self.c2w.to(device), self.fovy.to(device), self.width, self.height,
+        move = lambda t: None if t is None else to_device(t, device)  # noqa: E731
+        return Cameras(to_device(self.c2w, device), to_device(self.fovy, device), self.width, self.height,
                        move(self.polar), move(self.azimuth))
 
     def project(self, points: torch.Tensor) -> torch.Tensor:

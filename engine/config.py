@@ -47,9 +47,12 @@ class PriorConfig:
     overhead_angle_deg: float = 30.0  # polar angles below this are "overhead", above 180 - this "bottom"
     # How the UNet and VAE calls of SDS and textual inversion run (engine/guidance/fast_paths.py):
     # none (eager), compile (torch.compile, inductor), cudagraphs (torch.compile's CUDA-graph backend,
-    # no code generation) or compile-cudagraphs (inductor + CUDA graphs). CUDA only; the CPU runs eager.
+    # no code generation), compile-cudagraphs (inductor + CUDA graphs) or graphs (CUDA graphs captured
+    # directly, seconds instead of torch.compile's tracing). CUDA only; the CPU runs eager.
     compile: str = "none"
-    channels_last: bool = True  # NHWC convolutions for the UNet and VAE on CUDA (faster with fp16/bf16)
+    channels_last: bool = True  # NHWC convolutions for the UNet on CUDA (faster with fp16/bf16)
+    vae_channels_last: bool = True  # the same for the VAE
+    vae_attention: str = "math"  # the VAE's attention: math (two matmuls) or sdpa (fast_paths.prior_modules)
 
 
 @dataclass

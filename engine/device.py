@@ -17,3 +17,14 @@ def resolve_device(name: str | None) -> torch.device:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise DeviceError(f"Unknown device {name!r}.", "Use --device cuda, cuda:N or cpu.")
     return torch.device(name)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`. From the CPU to a GPU through pinned memory without waiting: a plain copy
+    from pageable memory synchronizes the stream, so the host would stop queueing kernels until the
+    GPU ran dry (the loops draw their random numbers on the CPU, for reproducibility, several times a
+    step). The caching host allocator keeps the pinned block until the copy is done."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

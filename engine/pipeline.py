@@ -107,7 +107,7 @@ def stable_diffusion_prior(model: str | None = None, cache_dir: Path | None = No
                 sd, image, reference.content_hash, ti, cache_dir or default_cache_dir() / "embeddings", generator,
                 progress=lambda step, loss: report(Progress("textual_inversion", step + 1, ti.steps, {"loss": loss})),
                 check_cancel=check_cancel,
-                compile=cfg.prior.compile,
+                execution=cfg.prior,
             )
             learned.save(out.file(EMBEDDING_FILE))
         prompt = ti.prompt.format(ti.placeholder if ti.enabled else ti.initializer)

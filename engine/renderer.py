@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .cameras import Cameras
 from .config import RenderConfig
+from .device import to_device
 
 if TYPE_CHECKING:
     from .fields.radiance_field import BackgroundField, RadianceField
@@ -118,7 +119,7 @@ class OccupancyGrid(torch.nn.Module):
         r, device = self.resolution, self.density.device
         cells = torch.arange(r ** 3, device=device)
         ijk = torch.stack([cells // (r * r), (cells // r) % r, cells % r], -1).float()
-        jitter = torch.rand(ijk.shape, generator=generator).to(device)
+        jitter = to_device(torch.rand(ijk.shape, generator=generator), device)
         points = (ijk + jitter) / r * (2.0 * self.bound) - self.bound
         fresh = torch.cat([density_fn(points[i:i + chunk]).float().reshape(-1) for i in range(0, len(points), chunk)])
         old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
@@ -276,5 +277,5 @@ def light_directions_near(cameras: Cameras, generator: torch.Generator | None = 
     """Unit vectors [B,3] toward a light at each camera's position plus N(0, spread^2) (DreamFusion),
     so lit sides mostly face the view."""
     position = cameras.position
-    jitter = torch.randn(position.shape, generator=generator).to(position.device) * spread
+    jitter = to_device(torch.randn(position.shape, generator=generator), position.device) * spread
     return F.normalize(position + jitter, dim=-1)

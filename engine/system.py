@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import losses
 from .cameras import Cameras, reference_camera, sample_random_cameras, view_names
 from .config import ReconstructionConfig
+from .device import to_device
 from .fields.radiance_field import BackgroundField, RadianceField
 from .methods import method_for
 from .renderer import Lighting, OccupancyGrid, RenderOutput, VolumeRenderer, light_directions_near
@@ -202,10 +203,7 @@ class RealFusionSystem:
         total = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        finite = bool(torch.isfinite(total)) and all(
-            torch.isfinite(p.grad).all() for group in self.optimizer.param_groups for p in group["params"]
-            if p.grad is not None)
-        if finite:
+        if self._all_finite(total):
             self.optimizer.step()
             self.ema.update()
         else:
@@ -214,11 +212,18 @@ class RealFusionSystem:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
         self.step += 1
-        report = {name: float(value.detach()) for name, value in terms.items()}
-        report["total"] = float(total.detach())
+        # one read from the device for all of them (each float() would wait for the GPU on its own)
+        values = torch.stack([value.detach().float().reshape(()) for value in [*terms.values(), total]]).tolist()
+        report = dict(zip([*terms, "total"], values))
         if self.skipped_steps:
             report["skipped"] = float(self.skipped_steps)
         return report
+
+    def _all_finite(self, total: torch.Tensor) -> bool:
+        """The loss and every gradient finite, in one wait for the device."""
+        flags = [torch.isfinite(total).all()] + [torch.isfinite(p.grad).all() for group in self.optimizer.param_groups
+                                                 for p in group["params"] if p.grad is not None]
+        return bool(torch.stack(flags).all())
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:
         out = self.renderer.render(self.method.training_field(), self.background, self.ref_camera,
@@ -232,7 +237,7 @@ class RealFusionSystem:
     def _empty_space_term(self) -> torch.Tensor:
         """Mean density at random points of the box that the occupancy grid calls empty (LossConfig.empty_space)."""
         count, bound = self.cfg.loss.empty_space_points, self.cfg.field.bound
-        points = (torch.rand(count, 3, generator=self.generator) * 2.0 - 1.0).to(self.device) * bound
+        points = to_device(torch.rand(count, 3, generator=self.generator) * 2.0 - 1.0, self.device) * bound
         empty = points[~self.occupancy.is_occupied(points)]
         if len(empty) == 0:
             return torch.zeros((), device=self.device)

@@ -98,9 +98,8 @@ def test_cpu_runs_eager_whatever_the_mode(sd):
 
 
 def _sds_image_gradient(sd, cfg: PriorConfig, modules=None) -> torch.Tensor:
-    guidance = StableDiffusionGuidance(sd, text_embeddings_for_guidance(sd, "an image of a object", None, None), cfg)
-    if modules is not None:
-        guidance.modules = modules
+    guidance = StableDiffusionGuidance(sd, text_embeddings_for_guidance(sd, "an image of a object", None, None), cfg,
+                                       modules=modules)
     images = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(5)).requires_grad_()
     guidance.sds_loss(images, generator=torch.Generator().manual_seed(6)).loss.backward()
     return images.grad
@@ -121,3 +120,17 @@ def test_compiled_prior_matches_eager(sd, token_id, image):
     eager_row = _row_gradient(sd, token_id, latents, t, noise, chunks=1)
     compiled_row = _row_gradient(sd, token_id, latents, t, noise, chunks=1, modules=compiled)
     torch.testing.assert_close(compiled_row, eager_row, rtol=1e-4, atol=1e-5 * float(eager_row.abs().max()))
+
+
+def test_vae_math_attention_gives_the_sdpa_gradient_and_layouts_switch_back(sd):
+    """prior.vae_attention=math (two matmuls instead of SDPA's memory-efficient kernel) is the same math."""
+    cfg = dataclasses.replace(PriorConfig(), guidance_scale=7.5)
+    assert any(type(p).__name__ == "AttnProcessor2_0" for p in sd.vae.attn_processors.values())
+    sdpa = _sds_image_gradient(sd, cfg, prior_modules(sd, "none", vae_attention="sdpa"))
+    math_grad = _sds_image_gradient(sd, cfg, prior_modules(sd, "none", vae_attention="math"))
+    assert {type(p).__name__ for p in sd.vae.attn_processors.values()} == {"AttnProcessor"}
+    torch.testing.assert_close(math_grad, sdpa, rtol=1e-4, atol=1e-5 * float(sdpa.abs().max()))
+    prior_modules(sd, "none")  # back to diffusers' default for the other tests of this module
+    assert {type(p).__name__ for p in sd.vae.attn_processors.values()} == {"AttnProcessor2_0"}
+    with pytest.raises(EngineError):
+        prior_modules(sd, "none", vae_attention="flash")

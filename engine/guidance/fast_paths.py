@@ -16,7 +16,9 @@ path unchanged:
 Modes: "none" (eager), "compile" (torch.compile with inductor: fused kernels, minutes of compile
 time on the first step), "cudagraphs" (torch.compile's CUDA-graph backend: the recorded kernels
 replayed in one launch, no code generation), "compile-cudagraphs" (both: inductor's kernels
-replayed as CUDA graphs, torch.compile's mode "reduce-overhead"). They apply on CUDA; the CPU runs eager whatever
+replayed as CUDA graphs, torch.compile's mode "reduce-overhead"), "graphs" (CUDA graphs captured directly
+with torch.cuda.graph / torch.cuda.make_graphed_callables, one per input signature: the eager kernels
+replayed, a second or two of capture instead of torch.compile's tracing). They apply on CUDA; the CPU runs eager whatever
 the mode. The wrapped callables are made once per loaded model and mode (kept on the
 StableDiffusion object), so jobs sharing a cached model compile once. Every mode is checked
 against eager on full-size random weights by bench/check_fastpaths.py (and shrunk in
@@ -26,13 +28,16 @@ tests/test_fast_paths.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Callable
 
 import torch
 
 from engine.errors import EngineError
 
-MODES = ("none", "compile", "cudagraphs", "compile-cudagraphs")
+log = logging.getLogger(__name__)
+
+MODES = ("none", "compile", "cudagraphs", "compile-cudagraphs", "graphs")
 
 
 @dataclass
@@ -40,6 +45,11 @@ class PriorModules:
     mode: str  # what runs: "none" on the CPU whatever was asked
     unet: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     encode_latents: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+    def graphed(self, fn: Callable) -> Callable:
+        """`fn` (tensors in, one tensor out, no randomness) as this mode runs it: replayed from CUDA graphs
+        in "graphs", as it is otherwise (textual inversion's text encoder)."""
+        return CapturedGraphs(fn) if self.mode == "graphs" else fn
 
     def begin_step(self) -> None:
         """Call once at the start of every training step: CUDA-graph trees reuse the previous step's
@@ -54,26 +64,36 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def prior_modules(sd, mode: str = "none", channels_last: bool = True, *, backend: str | None = None) -> PriorModules:
+def prior_modules(sd, mode: str = "none", channels_last: bool = True, *, vae_channels_last: bool | None = None,
+                  vae_attention: str = "sdpa", backend: str | None = None) -> PriorModules:
     """The UNet and VAE-encoder calls of `sd` in `mode` (see the module docstring).
 
+    `channels_last` lays the UNet's weights out NHWC (CUDA), `vae_channels_last` the VAE's (default: as
+    the UNet). `vae_attention` picks the VAE's attention kernel: "sdpa" (diffusers' default,
+    scaled_dot_product_attention) or "math" (diffusers' AttnProcessor: matmul, softmax, matmul). The
+    VAE's one attention has a single head 512 wide over 64 x 64 positions, which no flash kernel takes:
+    SDPA falls back to the memory-efficient kernel, whose backward alone took 5.8 ms of an SDS step on
+    an H200, against well under a millisecond for two plain matmuls (bench/profile_prior.py).
     `backend` overrides torch.compile's backend (tests use "aot_eager" to run the compiled path's
     tracing and autograd on the CPU); given, it applies on the CPU too.
     """
     check_mode(mode)
+    if vae_attention not in VAE_ATTENTION:
+        raise EngineError(f"Unknown prior.vae_attention {vae_attention!r}.", f"Use one of {', '.join(VAE_ATTENTION)}.")
     on_cuda = sd.device.type == "cuda"
-    if not on_cuda and backend is None:
-        mode = "none"  # compile and CUDA graphs are CUDA speed-ups; the CPU runs eager
+    if not on_cuda and (backend is None or mode == "graphs"):
+        mode = "none"  # compile and CUDA graphs are CUDA speed-ups; the CPU runs eager (`backend` is torch.compile's)
     cache = _cache(sd)
-    key = (mode, bool(channels_last and on_cuda), backend)
+    vae_channels_last = channels_last if vae_channels_last is None else vae_channels_last
+    layout = (bool(channels_last and on_cuda), bool(vae_channels_last and on_cuda), vae_attention)
+    key = (mode, *layout, backend)
     if key in cache:
         return cache[key]
-    if channels_last and on_cuda:
-        # in place, once: the same weights in NHWC order; every mode (eager too) then uses them
-        sd.unet.to(memory_format=torch.channels_last)
-        sd.vae.to(memory_format=torch.channels_last)
+    _set_layout(sd, layout, cache)
     unet, moments = _eager_unet(sd), _eager_moments(sd)
-    if mode != "none":
+    if mode == "graphs":
+        unet, moments = CapturedGraphs(unet), CapturedGraphs(moments)
+    elif mode != "none":
         options = {"backend": backend} if backend else _COMPILE_OPTIONS[mode]
         unet = torch.compile(unet, dynamic=False, **options)
         moments = torch.compile(moments, dynamic=False, **options)
@@ -84,6 +104,48 @@ def prior_modules(sd, mode: str = "none", channels_last: bool = True, *, backend
 
 _COMPILE_OPTIONS = {"compile": {}, "cudagraphs": {"backend": "cudagraphs"},
                     "compile-cudagraphs": {"mode": "reduce-overhead"}}
+
+
+def modules_for(sd, prior=None) -> PriorModules:
+    """The calls as a PriorConfig's execution settings ask (None: eager, the config's layouts)."""
+    from engine.config import PriorConfig
+
+    prior = prior or PriorConfig()
+    return prior_modules(sd, prior.compile, prior.channels_last, vae_channels_last=prior.vae_channels_last,
+                         vae_attention=prior.vae_attention)
+
+
+VAE_ATTENTION = ("sdpa", "math")
+
+
+def _set_layout(sd, layout: tuple[bool, bool, str], cache: dict) -> None:
+    """Lay the shared model out as `layout` asks, in place (the same weights), reading what it is now off
+    the modules themselves. A change invalidates every cached call: a CUDA graph holds the addresses of
+    the weights it was captured with."""
+    unet_nhwc, vae_nhwc, vae_attention = layout
+    changed = False
+    for module, nhwc in ((sd.unet, unet_nhwc), (sd.vae, vae_nhwc)):
+        if isinstance(module, torch.nn.Module) and _is_nhwc(module) != nhwc:
+            module.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+            changed = True
+    processors = getattr(sd.vae, "attn_processors", {})
+    if processors and _attention_of(processors) != vae_attention:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        sd.vae.set_attn_processor(AttnProcessor() if vae_attention == "math" else AttnProcessor2_0())
+        changed = True
+    if changed:
+        cache.clear()
+
+
+def _is_nhwc(module: torch.nn.Module) -> bool:
+    """Whether the module's first spatial convolution weight is laid out channels-last."""
+    weight = next((p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1), None)
+    return weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _attention_of(processors: dict) -> str:
+    return "math" if all(type(p).__name__ == "AttnProcessor" for p in processors.values()) else "sdpa"
 
 
 def _cache(sd) -> dict:
@@ -132,3 +194,61 @@ def _posterior_class():
     except ImportError:  # diffusers < 0.26
         from diffusers.models.vae import DiagonalGaussianDistribution
     return DiagonalGaussianDistribution
+
+
+class CapturedGraphs:
+    """`fn` replayed from CUDA graphs, one captured per signature (shapes, dtypes, which inputs need grad).
+
+    With grad (an input that requires it, grad mode on), torch.cuda.make_graphed_callables captures the
+    forward and the backward, so autograd replays both. Without, one forward graph. The networks hold no
+    random ops (eval mode) and no state that changes between calls, so a replay computes what an
+    eager call computes; outputs are cloned out of the graph's memory, so a later replay cannot
+    overwrite a tensor a caller still holds. The inputs' values are copied in each call.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.graphs: dict = {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        grad = torch.is_grad_enabled() and any(a.requires_grad for a in args)
+        key = (grad,) + tuple((a.shape, a.dtype, a.requires_grad and grad) for a in args)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(args, grad)
+        if grad:
+            return graph(*args).clone()
+        return graph(*args)
+
+    def _capture(self, args, grad: bool):
+        samples = tuple(a.detach().clone().requires_grad_(a.requires_grad and grad) for a in args)
+        try:
+            if grad:
+                return torch.cuda.make_graphed_callables(self.fn, samples)
+            return _ForwardGraph(self.fn, samples)
+        except Exception as error:  # an op that cannot be captured: this signature runs eagerly, and says so
+            torch.cuda.synchronize()
+            log.warning("CUDA graph capture failed (%s); running this call eagerly", error)
+            return self.fn
+
+
+class _ForwardGraph:
+    """One no-grad forward of `fn` captured on static inputs (warmed up on a side stream first)."""
+
+    def __init__(self, fn: Callable, samples: tuple[torch.Tensor, ...]):
+        self.inputs = samples
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(2):
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.output = fn(*self.inputs)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        for static, value in zip(self.inputs, args):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output.clone()

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import PriorConfig
+from engine.device import to_device
 from engine.errors import DeviceError, EngineError, MissingWeightsError
-from engine.guidance.fast_paths import prior_modules
+from engine.guidance.fast_paths import PriorModules, modules_for
 
 # The subfolders of a diffusers-layout checkpoint that we load (see `_loader`).
 PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
@@ -170,7 +171,7 @@ class StableDiffusionGuidance:
     """
 
     def __init__(self, sd: StableDiffusion, text_embeddings: torch.Tensor | dict[str, torch.Tensor],
-                 cfg: PriorConfig):
+                 cfg: PriorConfig, modules: PriorModules | None = None):
         if cfg.weighting not in WEIGHTINGS:
             raise EngineError(f"Unknown SDS weighting {cfg.weighting!r}.", f"Use one of {', '.join(WEIGHTINGS)}.")
         self.sd = sd
@@ -183,7 +184,7 @@ class StableDiffusionGuidance:
         total = sd.num_train_timesteps
         self.min_step = int(cfg.t_range[0] * total)
         self.max_step = int(cfg.t_range[1] * total)
-        self.modules = prior_modules(sd, cfg.compile, cfg.channels_last)
+        self.modules = modules or modules_for(sd, cfg)  # given: as they are (benches compare modes on one model)
 
     def sds_loss(self, images: torch.Tensor, cameras=None, lighting=None, background=None,
                  generator: torch.Generator | None = None, step_ratio: float | None = None,
@@ -220,7 +221,7 @@ class StableDiffusionGuidance:
             return torch.full((batch,), t, dtype=torch.long, device=self.sd.device)
         device = generator.device if generator is not None else self.sd.device
         t = torch.randint(self.min_step, self.max_step + 1, (batch,), generator=generator, device=device)
-        return t.to(self.sd.device)
+        return to_device(t, self.sd.device)
 
     def condition(self, views: list[str] | None, batch: int) -> torch.Tensor:
         """[B,2,77,D]: each image's (unconditional, conditional) pair, by its view name."""
@@ -253,4 +254,4 @@ class StableDiffusionGuidance:
 def sample_normal(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Float32 normal noise drawn on the generator's device (so a CPU generator works with CUDA)."""
     gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    return to_device(torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32), device)

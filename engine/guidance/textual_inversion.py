@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.augment import augment_batch, augmentation_config
-from engine.config import TextualInversionConfig
+from engine.config import PriorConfig, TextualInversionConfig
+from engine.device import to_device
 from engine.errors import EngineError
-from engine.guidance.fast_paths import prior_modules
+from engine.guidance.fast_paths import modules_for, prior_modules
 from engine.guidance.stable_diffusion import StableDiffusion, sample_normal
 
 FORMAT_VERSION = 1  # bump when the training recipe changes, so old cache entries are not reused
@@ -86,9 +87,19 @@ def _token_ids(sd: StableDiffusion, prompt: str) -> torch.Tensor:
 def encode_prompt(sd: StableDiffusion, prompt: str, learned_embedding: torch.Tensor | None = None,
                   placeholder_id: int | None = None) -> torch.Tensor:
     """[1, 77, D] text conditioning; gradient flows into `learned_embedding` (not under no_grad)."""
+    return prompt_encoder(sd, prompt, placeholder_id)(learned_embedding)
+
+
+def prompt_encoder(sd: StableDiffusion, prompt: str, placeholder_id: int | None) -> Callable:
+    """learned embedding [D] -> [1, 77, D] conditioning of `prompt`, its token ids made once (on the device,
+    so the call does nothing on the host and can be captured as a CUDA graph)."""
     ids = _token_ids(sd, prompt)
-    with _substitute(sd, learned_embedding, placeholder_id):
-        return sd.text_encoder(ids)[0]
+
+    def encode(learned_embedding: torch.Tensor | None) -> torch.Tensor:
+        with _substitute(sd, learned_embedding, placeholder_id):
+            return sd.text_encoder(ids)[0]
+
+    return encode
 
 
 @torch.no_grad()
@@ -133,7 +144,8 @@ class LearnedEmbedding:
 
 def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInversionConfig,
                     generator: torch.Generator, progress: Progress | None = None,
-                    check_cancel: Callable[[], None] | None = None, compile: str = "none") -> LearnedEmbedding:
+                    check_cancel: Callable[[], None] | None = None,
+                    execution: PriorConfig | None = None) -> LearnedEmbedding:
     """Fit the placeholder's embedding to `image` ([3,H,W] in [0,1], object on white).
 
     One step = `grad_accumulation` micro-batches of `batch_size` augmented views, then one
@@ -142,22 +154,36 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
     With `cfg.accumulate_as_batch` the micro-batches run as one batch of batch_size x
     grad_accumulation views: the same mean loss and gradient (tests/test_fast_paths.py) in one
     UNet call instead of several, which is most of the time on a GPU (the calls are
-    launch-bound). `compile` picks the UNet/VAE execution (engine/guidance/fast_paths.py).
+    launch-bound). `execution` (the prior's settings: compile mode, layouts; default eager) picks how the
+    UNet, VAE and text encoder run (engine/guidance/fast_paths.py).
+
+    Nothing in a step waits for the GPU: the random draws reach it through pinned memory, the fused
+    AdamW on CUDA takes the GradScaler's overflow flag on the device (no host check), and each step's
+    loss is read after the next step is queued.
     """
-    modules = prior_modules(sd, compile)
+    modules = modules_for(sd, execution)
     token_id = add_placeholder_token(sd, cfg.placeholder, cfg.initializer)
     initial = sd.text_encoder.get_input_embeddings().weight[token_id].detach().float()
     vector = torch.nn.Parameter(initial.clone())  # float32 master copy, cast for the forward
-    optimizer = torch.optim.AdamW([vector], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([vector], lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=sd.device.type == "cuda")
     # fp16 weights on CUDA: scale the loss so the row's small gradients survive half precision.
     scaler = torch.amp.GradScaler(sd.device.type, enabled=sd.dtype == torch.float16)
     prompt = cfg.prompt.format(cfg.placeholder)
+    encode = modules.graphed(prompt_encoder(sd, prompt, token_id))
     # The augmentations run where the model is (torch ops; their random draws stay on `generator`).
     image = image.detach().float().to(sd.device)
     micro_batches, micro_size = cfg.grad_accumulation, cfg.batch_size
     if cfg.accumulate_as_batch:
         micro_batches, micro_size = 1, cfg.batch_size * cfg.grad_accumulation
-    losses = []
+    losses: list[float] = []
+
+    def read(step: int, loss: torch.Tensor) -> None:
+        losses.append(float(loss))
+        if progress is not None:
+            progress(step, losses[-1])
+
+    queued = None  # (step, loss on the device) of the step before
     for step in range(cfg.steps):
         loss = torch.zeros((), device=sd.device)
         for _ in range(micro_batches):
@@ -166,15 +192,17 @@ def train_embedding(sd: StableDiffusion, image: torch.Tensor, cfg: TextualInvers
             modules.begin_step()
             latents, t, noise = training_batch(sd, image, cfg.resolution, micro_size, generator, modules,
                                                augmentation_config(cfg.augmentations))
-            micro = denoising_loss(sd, latents, t, noise, vector, token_id, prompt, modules) / micro_batches
+            micro = denoising_loss(sd, latents, t, noise, vector, token_id, prompt, modules, encode) / micro_batches
             scaler.scale(micro).backward()
             loss += micro.detach()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if progress is not None:
-            progress(step, losses[-1])
+        if queued is not None:
+            read(*queued)
+        queued = (step, loss)
+    if queued is not None:
+        read(*queued)
     tail = losses[-max(1, min(100, len(losses) // 10)):] if losses else [float("nan")]
     return LearnedEmbedding(vector=vector.detach().cpu().clone(), placeholder=cfg.placeholder,
                             initializer=cfg.initializer, model_id=sd.model_id, steps=cfg.steps,
@@ -190,17 +218,20 @@ def training_batch(sd: StableDiffusion, image: torch.Tensor, resolution: int, ba
     with torch.no_grad():
         latents = modules.encode_latents((views * 2.0 - 1.0).to(sd.dtype), generator).float()
     total = sd.num_train_timesteps
-    t = torch.randint(0, total, (latents.shape[0],), generator=generator, device=generator.device).to(sd.device)
+    t = to_device(torch.randint(0, total, (latents.shape[0],), generator=generator, device=generator.device), sd.device)
     noise = sample_normal(latents.shape, generator, sd.device)
     return latents, t, noise
 
 
 def denoising_loss(sd: StableDiffusion, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   vector: torch.Tensor, token_id: int, prompt: str, modules=None) -> torch.Tensor:
-    """Eq. (2) on one batch: || eps_hat(z_t; prompt(e), t) - eps ||^2, mean over the batch's elements."""
+                   vector: torch.Tensor, token_id: int, prompt: str, modules=None,
+                   encode: Callable | None = None) -> torch.Tensor:
+    """Eq. (2) on one batch: || eps_hat(z_t; prompt(e), t) - eps ||^2, mean over the batch's elements.
+    `encode` is `prompt_encoder(sd, prompt, token_id)` made once (default: made here)."""
     modules = modules or prior_modules(sd, "none")
     noisy = sd.scheduler.add_noise(latents, noise, t).to(sd.dtype)
-    context = encode_prompt(sd, prompt, vector, token_id).expand(latents.shape[0], -1, -1)
+    encode = encode or prompt_encoder(sd, prompt, token_id)
+    context = encode(vector).expand(latents.shape[0], -1, -1)
     eps = modules.unet(noisy, t, context)
     return F.mse_loss(eps.float(), noise)
 
@@ -217,7 +248,7 @@ def embedding_cache_key(content_hash: str, sd: StableDiffusion, cfg: TextualInve
 def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str, cfg: TextualInversionConfig,
                     cache_dir: Path, generator: torch.Generator, progress: Progress | None = None,
                     check_cancel: Callable[[], None] | None = None,
-                    compile: str = "none") -> tuple[LearnedEmbedding, bool]:
+                    execution: PriorConfig | None = None) -> tuple[LearnedEmbedding, bool]:
     """The cached embedding for this image/model/recipe if there is one (True), else train it (False).
 
     Textual inversion is the longest phase (about an hour at paper settings), so re-running
@@ -227,7 +258,7 @@ def cached_or_train(sd: StableDiffusion, image: torch.Tensor, content_hash: str,
     if cfg.cache and path.is_file():
         with contextlib.suppress(Exception):  # unreadable entry (old format, disk trouble): retrain
             return LearnedEmbedding.load(path), True
-    embedding = train_embedding(sd, image, cfg, generator, progress, check_cancel, compile=compile)
+    embedding = train_embedding(sd, image, cfg, generator, progress, check_cancel, execution=execution)
     if cfg.cache:
         embedding.save(path)
     return embedding, False
