@@ -134,3 +134,22 @@ def test_vae_math_attention_gives_the_sdpa_gradient_and_layouts_switch_back(sd):
     assert {type(p).__name__ for p in sd.vae.attn_processors.values()} == {"AttnProcessor2_0"}
     with pytest.raises(EngineError):
         prior_modules(sd, "none", vae_attention="flash")
+
+
+def test_posterior_sample_is_diffusers_draw_for_draw():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from engine.guidance.fast_paths import sample_posterior
+
+    parameters = torch.randn(3, 8, 5, 5, generator=torch.Generator().manual_seed(1))
+    ours = sample_posterior(parameters, torch.Generator().manual_seed(2))
+    theirs = DiagonalGaussianDistribution(parameters).sample(torch.Generator().manual_seed(2))
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, sample_posterior(parameters, torch.Generator().manual_seed(3)))
+
+
+def test_presets_run_the_prior_from_cuda_graphs_with_an_nchw_vae():
+    for name in ("fast", "standard", "paper"):
+        prior = preset(name).prior
+        assert (prior.compile, prior.channels_last, prior.vae_channels_last, prior.vae_attention) == (
+            "graphs", True, False, "math")

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from engine.device import to_device
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,9 @@ def _eager_unet(sd):
 
 
 def _eager_encode(sd):
-    """Exactly what the eager path did before fast paths existed."""
+    """What the eager path did before fast paths existed (the posterior's draw made by `sample_posterior`)."""
     def encode(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return sd.vae.encode(pixels).latent_dist.sample(generator) * sd.vae.config.scaling_factor
+        return sample_posterior(sd.vae.encode(pixels).latent_dist.parameters, generator) * sd.vae.config.scaling_factor
 
     return encode
 
@@ -179,13 +180,21 @@ def _eager_moments(sd):
 
 
 def _sampled(sd, moments):
-    """A compiled encoder's moments, sampled eagerly with diffusers' own posterior (same draws as eager)."""
-    posterior = _posterior_class()
-
+    """A compiled or captured encoder's moments, sampled eagerly (the same draws as eager)."""
     def encode(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return posterior(moments(pixels)).sample(generator) * sd.vae.config.scaling_factor
+        return sample_posterior(moments(pixels), generator) * sd.vae.config.scaling_factor
 
     return encode
+
+
+def sample_posterior(parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """diffusers' `DiagonalGaussianDistribution(parameters).sample(generator)`, value for value, except that a
+    CPU generator's draw reaches the GPU through pinned memory: diffusers' plain copy waits for the GPU,
+    once every textual-inversion step, so the host stopped queueing work there."""
+    posterior = _posterior_class()(parameters)
+    device = generator.device if generator is not None else parameters.device
+    noise = torch.randn(posterior.mean.shape, generator=generator, device=device, dtype=parameters.dtype)
+    return posterior.mean + posterior.std * to_device(noise, parameters.device)
 
 
 def _posterior_class():
