@@ -6,7 +6,7 @@
 Issue 14 asks for an SDS step <= 35 ms and a textual-inversion step (4 views at 512 px) <= 65 ms
 on one H100/H200. Before choosing a speed-up this measures, on full-size SD 1.5 with random weights:
 
-* each piece alone (CUDA events, median of `--repeats`): the VAE encoder at 512 forward + backward
+* each piece alone (CUDA events, median of `--repeats`; check_fastpaths.timed): the VAE encoder at 512 forward + backward
   (SDS back-propagates through it), the VAE encoder forward on 4 views (textual inversion's latents,
   no grad), the UNet on the CFG pair (SDS, no grad), the UNet forward + backward into the text
   conditioning on 4 views (textual inversion), the text encoder forward + backward into the
@@ -25,7 +25,6 @@ runs out of time still reports what it measured. `--tiny` runs it on the CPU wit
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -36,30 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-from check_fastpaths import CPU_BACKEND, PriorCase, device_name, load_prior, save_result, synchronize, versions  # noqa: E402
+from check_fastpaths import (CPU_BACKEND, PriorCase, device_name, load_prior, save_result, synchronize,  # noqa: E402
+                             timed, versions)
 
 from engine.augment import augment_batch, augmentation_config  # noqa: E402
 from engine.guidance.fast_paths import prior_modules  # noqa: E402
 from engine.guidance.textual_inversion import denoising_loss, encode_prompt, training_batch  # noqa: E402
-
-
-def time_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> dict:
-    """Median / min ms of `repeats` calls after `warmup` (the first call's seconds: compile, capture)."""
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    first_s = time.perf_counter() - start
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        begin = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - begin) * 1000)
-    return {"first_call_s": round(first_s, 2), "median_ms": round(statistics.median(times), 2),
-            "min_ms": round(min(times), 2), "n": repeats}
 
 
 class Steps:
@@ -243,7 +224,7 @@ def main() -> int:
                 steps = Steps(case, prior_modules(sd, backend=backend, **variant))
                 pieces = not args.whole_only and variant["mode"] in ("none", "cudagraphs", "graphs")
                 for piece in Steps.WHOLE + (Steps.PIECES if pieces else ()):
-                    entry[piece] = time_ms(getattr(steps, piece), device, repeats)
+                    entry[piece] = timed(getattr(steps, piece), device, repeats)
                     print(label, piece, entry[piece], flush=True)
                 entry["ti_loop_ms"] = ti_loop_ms(case, variant, device, (2, 4) if args.tiny else (5, 25))
                 print(label, "ti_loop_ms", entry["ti_loop_ms"], flush=True)
