@@ -44,7 +44,7 @@ from engine.config import PriorConfig, preset  # noqa: E402
 from engine.fields.hashgrid import HashGridEncoding, tcnn_available, triton_available  # noqa: E402
 from engine.guidance import (StableDiffusionGuidance, add_placeholder_token, load_stable_diffusion,  # noqa: E402
                              text_embeddings_for_guidance)
-from engine.guidance.fast_paths import MODES, prior_modules  # noqa: E402
+from engine.guidance.fast_paths import MODES, execution_layout, prior_modules  # noqa: E402
 from engine.guidance.textual_inversion import denoising_loss, training_batch  # noqa: E402
 
 PRIOR_TOLERANCE = 5e-2  # normwise relative, fp16
@@ -162,9 +162,7 @@ def check_prior(sd, modes: list[str], tiny: bool, repeats: int, layout: dict | N
         "mode": "none", "channels_last": False, "layout": "1 x batch 4", **agreement(batched, ti_reference),
         **timed(lambda: case.ti_gradient(reference_modules, batch, 1), device, repeats)}
 
-    defaults = PriorConfig()
-    layout = layout or {"channels_last": defaults.channels_last, "vae_channels_last": defaults.vae_channels_last,
-                        "vae_attention": defaults.vae_attention}
+    layout = layout or execution_layout(PriorConfig())
     report["layout"] = layout
     for mode in modes:
         name = f"{mode}_channels_last" if device.type == "cuda" else mode
@@ -310,9 +308,7 @@ def layout_of(overrides: list[str]) -> dict | None:
         return None
     from engine.config import apply_overrides
 
-    prior = apply_overrides(preset("fast"), overrides).prior
-    return {"channels_last": prior.channels_last, "vae_channels_last": prior.vae_channels_last,
-            "vae_attention": prior.vae_attention}
+    return execution_layout(apply_overrides(preset("fast"), overrides).prior)
 
 
 def main() -> int:

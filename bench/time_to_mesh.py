@@ -193,10 +193,8 @@ def instrument_systems() -> None:
             self.ema.update = sections.wrap("optimizer", type(self.ema).update.__get__(self.ema))
             self._bench_sections = sections
         ACTIVE["system"] = self
-        profiling = ACTIVE["profile_at"] is not None and self.step == ACTIVE["profile_at"]
-        if profiling:
-            report = profiled_steps(self, original)  # these steps are neither timed nor summarized
-            return report
+        if ACTIVE["profile_at"] is not None and self.step == ACTIVE["profile_at"]:
+            return profiled_steps(self, original)  # these steps are neither timed nor summarized
         sections.in_step = True
         begin = sections.start()
         try:

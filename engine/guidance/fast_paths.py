@@ -27,8 +27,8 @@ tests/test_fast_paths.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -108,12 +108,17 @@ _COMPILE_OPTIONS = {"compile": {}, "cudagraphs": {"backend": "cudagraphs"},
 
 
 def modules_for(sd, prior=None) -> PriorModules:
-    """The calls as a PriorConfig's execution settings ask (None: eager, the config's layouts)."""
+    """The calls as a PriorConfig's execution settings ask (None: eager, in the config's default layout)."""
     from engine.config import PriorConfig
 
-    prior = prior or PriorConfig()
-    return prior_modules(sd, prior.compile, prior.channels_last, vae_channels_last=prior.vae_channels_last,
-                         vae_attention=prior.vae_attention)
+    prior = prior or PriorConfig(compile="none")
+    return prior_modules(sd, prior.compile, **execution_layout(prior))
+
+
+def execution_layout(prior) -> dict:
+    """A PriorConfig's layout settings, as `prior_modules` takes them."""
+    return {"channels_last": prior.channels_last, "vae_channels_last": prior.vae_channels_last,
+            "vae_attention": prior.vae_attention}
 
 
 VAE_ATTENTION = ("sdpa", "math")
