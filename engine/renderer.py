@@ -68,10 +68,15 @@ def intersect_box(origins: torch.Tensor, dirs: torch.Tensor, bound: float) -> tu
 
 
 def composite(sigma: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """Per-sample weights [N,S] = alpha * transmittance, from densities and segment lengths."""
-    alpha = 1.0 - torch.exp(-sigma * deltas)
-    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], -1), -1)
-    return alpha * transmittance[:, :-1]
+    """Per-sample weights [N,S] = alpha * transmittance, from densities and segment lengths.
+
+    The transmittance in front of sample i is exp(-sum_{j<i} sigma_j delta_j), the product of the (1 - alpha_j)
+    before it, as a sum: the gradient of torch.cumprod checks its input for zeros on the host, one wait for
+    the GPU per render."""
+    optical_depth = sigma * deltas
+    alpha = 1.0 - torch.exp(-optical_depth)
+    in_front = torch.cat([torch.zeros_like(optical_depth[:, :1]), torch.cumsum(optical_depth[:, :-1], -1)], -1)
+    return alpha * torch.exp(-in_front)
 
 
 def shade(albedo: torch.Tensor, normals: torch.Tensor | None, light_dir: torch.Tensor | None,
@@ -124,7 +129,8 @@ class OccupancyGrid(torch.nn.Module):
         fresh = torch.cat([density_fn(points[i:i + chunk]).float().reshape(-1) for i in range(0, len(points), chunk)])
         old = torch.where(torch.isinf(self.density), torch.zeros_like(self.density), self.density)
         self.density.copy_(torch.maximum(old * self.decay, torch.nan_to_num(fresh, nan=0.0)))
-        threshold = max(min(float(self.density.mean()), self.threshold), self.haze_floor())
+        # min(threshold, mean), at least the haze floor: on the device (a float() would wait for it)
+        threshold = torch.maximum(self.density.mean().clamp(max=self.threshold), self.haze_floor())
         occupied = self.density > threshold
         if self.dilation > 0:
             # A margin of empty cells around the occupied ones stays in the march, so a surface can grow into
@@ -135,15 +141,15 @@ class OccupancyGrid(torch.nn.Module):
             occupied = F.max_pool3d(grid, size, stride=1, padding=self.dilation).view(-1) > 0
         self.occupied.copy_(occupied)
 
-    def haze_floor(self) -> float:
+    def haze_floor(self) -> torch.Tensor:
         """`haze_ratio` times the density of empty space, read as the grid's median: an object fills well
         under half of the box (its front within the reference frame's 80 %), so the median cell is empty.
         The untrained field's empty space is a uniform haze (exp(0) = 1 at the start) that the MLP's shared
         weights then move up or down everywhere at once (measured: 1.06 -> 1.23 in 64 CPU demo steps, 10th
         and 90th percentiles within 2 %), so a fixed floor is crossed by all of it at once."""
         if self.haze_ratio <= 0:
-            return 0.0
-        return self.haze_ratio * float(self.density.median())
+            return self.density.new_zeros(())
+        return self.haze_ratio * self.density.median()
 
     @property
     def occupied_fraction(self) -> float:
@@ -186,18 +192,19 @@ class VolumeRenderer:
         rays_per_view = height * width
 
         t, deltas, points, live = self._march(field, origins, dirs, stratified, occupancy)
-        sigma = torch.zeros_like(t)
-        albedo = torch.zeros(*t.shape, 3, device=t.device, dtype=t.dtype)
-        if live.any():
-            live_sigma, live_albedo = field(points[live])
+        sigma = t.new_zeros(t.numel())
+        albedo = t.new_zeros(t.numel(), 3)
+        if live.numel():
+            live_sigma, live_albedo = field(points.reshape(-1, 3)[live])
             sigma = sigma.index_put((live,), live_sigma.to(t.dtype))
             albedo = albedo.index_put((live,), live_albedo.to(t.dtype))
+        sigma, albedo = sigma.view(t.shape), albedo.view(*t.shape, 3)
         weights = composite(sigma, deltas)  # [N,S]
 
         lit = shading != "albedo"
         normals = None
         if with_normals or lit:
-            normals = self._normals(field, points, weights)
+            normals = self._normals(field, points, weights, live)
         ray_light = None
         if lit:
             ray_light = light_dir.repeat_interleave(rays_per_view, 0)
@@ -214,7 +221,7 @@ class VolumeRenderer:
             normal_image = (weights[..., None] * normals).sum(-2)
             facing_away = (normals * dirs[:, None, :]).sum(-1).clamp(min=0.0)
             # the mean over the marched samples, as the official CUDA renderer's loss_orient
-            orientation = (weights.detach() * facing_away**2).sum() / live.sum().clamp(min=1)
+            orientation = (weights.detach() * facing_away**2).sum() / max(1, live.numel())
 
         shape = (batch, height, width)
         return RenderOutput(
@@ -226,44 +233,54 @@ class VolumeRenderer:
             background=bg.reshape(*shape, 3),
         )
 
+    def sample_count(self) -> int:
+        """Samples per ray: enough for the longest chord of the box (its diagonal), so the count needs no
+        look at the rays (reading their longest chord back from the GPU would wait for it); the samples past
+        a ray's exit are never evaluated."""
+        return max(1, min(self.cfg.max_samples, math.ceil(2.0 * math.sqrt(3.0) * self.bound / self.cfg.step_size)))
+
     def _march(self, field: "RadianceField", origins: torch.Tensor, dirs: torch.Tensor, stratified: bool,
                occupancy: OccupancyGrid | None):
-        """Sample distances t [N,S], segment lengths [N,S], points [N,S,3] and which samples to evaluate [N,S].
+        """Sample distances t [N,S], segment lengths [N,S], points [N,S,3], and the flat indices (into N*S)
+        of the samples to evaluate.
 
         A first pass without gradients finds where each ray's transmittance runs out, so the second
-        (with gradients, in `render`) evaluates only the samples that can still change a pixel.
+        (with gradients, in `render`) evaluates only the samples that can still change a pixel. Samples are
+        picked by index tensors, two reads from the GPU in all (a boolean mask as an index is one read each).
         """
-        step = self.cfg.step_size
+        step, count = self.cfg.step_size, self.sample_count()
         near, far = intersect_box(origins, dirs, self.bound)
-        hit = far > near
-        length = torch.where(hit, far - near, torch.zeros_like(far))
-        count = int(min(self.cfg.max_samples, max(1, math.ceil(float(length.max()) / step)) if len(length) else 1))
         offset = torch.rand_like(near)[:, None] if stratified else torch.full_like(near, 0.5)[:, None]
         t = near[:, None] + (torch.arange(count, device=near.device, dtype=near.dtype)[None] + offset) * step
-        inside = hit[:, None] & (t < far[:, None])
+        inside = t < far[:, None]  # a ray that misses the box has far <= near < t
         deltas = torch.full_like(t, step)
         points = origins[:, None, :] + dirs[:, None, :] * t[..., None]
         candidates = inside if occupancy is None else inside & occupancy.is_occupied(points.reshape(-1, 3)).view(t.shape)
-        if self.cfg.min_transmittance <= 0 or not candidates.any():
-            return t, deltas, points, candidates
+        picked = candidates.view(-1).nonzero().squeeze(1)
+        if self.cfg.min_transmittance <= 0 or picked.numel() == 0:
+            return t, deltas, points, picked
         with torch.no_grad():
-            sigma = torch.zeros_like(t)
-            sigma[candidates] = field.density(points[candidates]).to(t.dtype)
-            alpha = 1.0 - torch.exp(-sigma * deltas)
+            sigma = t.new_zeros(t.numel())
+            sigma[picked] = field.density(points.reshape(-1, 3)[picked]).to(t.dtype)
+            alpha = 1.0 - torch.exp(-sigma.view(t.shape) * deltas)
             before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
-        return t, deltas, points, candidates & (before > self.cfg.min_transmittance)
+            lit = before.view(-1)[picked] > self.cfg.min_transmittance
+        return t, deltas, points, picked[lit.nonzero().squeeze(1)]
 
-    def _normals(self, field: "RadianceField", points: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _normals(self, field: "RadianceField", points: torch.Tensor, weights: torch.Tensor,
+                 live: torch.Tensor) -> torch.Tensor:
         """Normals [N,S,3] at the samples that contribute to a pixel, zero elsewhere.
 
         Finite-difference normals cost six density lookups per sample; most samples lie in
-        empty space where their weight (and so their effect on any pixel) is nil.
+        empty space where their weight (and so their effect on any pixel) is nil. Only evaluated samples
+        (`live`, flat indices) have weight.
         """
-        normals = torch.zeros_like(points)
-        visible = weights.detach() > self.cfg.normal_min_weight
-        if visible.any():
-            normals = normals.index_put((visible,), field.normals(points[visible], self.cfg.normal_epsilon))
-        return normals
+        normals = points.new_zeros(points.numel() // 3, 3)
+        visible = live[(weights.detach().view(-1)[live] > self.cfg.normal_min_weight).nonzero().squeeze(1)]
+        if visible.numel():
+            normals = normals.index_put((visible,), field.normals(points.reshape(-1, 3)[visible],
+                                                                  self.cfg.normal_epsilon))
+        return normals.view(points.shape)
 
     @staticmethod
     def _background(background: "BackgroundField | None", dirs: torch.Tensor) -> torch.Tensor:

@@ -203,7 +203,8 @@ class RealFusionSystem:
         total = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if self._all_finite(total):
+        finite, values = self._read_step(total, [*terms.values(), total])
+        if finite:
             self.optimizer.step()
             self.ema.update()
         else:
@@ -212,18 +213,18 @@ class RealFusionSystem:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
         self.step += 1
-        # one read from the device for all of them (each float() would wait for the GPU on its own)
-        values = torch.stack([value.detach().float().reshape(()) for value in [*terms.values(), total]]).tolist()
         report = dict(zip([*terms, "total"], values))
         if self.skipped_steps:
             report["skipped"] = float(self.skipped_steps)
         return report
 
-    def _all_finite(self, total: torch.Tensor) -> bool:
-        """The loss and every gradient finite, in one wait for the device."""
-        flags = [torch.isfinite(total).all()] + [torch.isfinite(p.grad).all() for group in self.optimizer.param_groups
-                                                 for p in group["params"] if p.grad is not None]
-        return bool(torch.stack(flags).all())
+    def _read_step(self, total: torch.Tensor, values: list[torch.Tensor]) -> tuple[bool, list[float]]:
+        """Whether the loss and every gradient are finite, and the loss terms' values: one wait for the
+        device for all of them (each float() or bool() would wait on its own)."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = torch.stack([torch.isfinite(total).all()] + [torch.isfinite(g).all() for g in grads]).all()
+        read = torch.stack([finite.float()] + [value.detach().float().reshape(()) for value in values]).tolist()
+        return read[0] == 1.0, read[1:]
 
     def _reference_terms(self) -> dict[str, torch.Tensor]:
         out = self.renderer.render(self.method.training_field(), self.background, self.ref_camera,
@@ -238,14 +239,17 @@ class RealFusionSystem:
         """Mean density at random points of the box that the occupancy grid calls empty (LossConfig.empty_space)."""
         count, bound = self.cfg.loss.empty_space_points, self.cfg.field.bound
         points = to_device(torch.rand(count, 3, generator=self.generator) * 2.0 - 1.0, self.device) * bound
-        empty = points[~self.occupancy.is_occupied(points)]
-        if len(empty) == 0:
-            return torch.zeros((), device=self.device)
-        return self.method.training_field().density(empty).float().mean()
+        # every point evaluated and the occupied ones weighted 0: a boolean index would wait for the device
+        # (where, not a product: an occupied cell's density may overflow to inf, and inf * 0 is NaN)
+        empty = ~self.occupancy.is_occupied(points)
+        density = self.method.training_field().density(points).float()
+        return torch.where(empty, density, 0.0).sum() / empty.sum().clamp(min=1)
 
     def _prior_terms(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator, self.device)
+        cameras = sample_random_cameras(cfg.camera, 1, cfg.render.random_resolution, self.generator)
+        views = self.prompt_views(cameras, self.step)  # from the CPU's angles: on the GPU a read would wait for it
+        cameras = cameras.to(self.device)
         shading = self.choose_shading(self.step)
         light = light_directions_near(cameras, self.generator, cfg.render.light_jitter)
         out = self.renderer.render(self.method.training_field(), self.background, cameras, shading=shading,
@@ -253,7 +257,7 @@ class RealFusionSystem:
         lighting = Lighting(shading, light if shading != "albedo" else None, cfg.render.ambient_ratio)
         background = out.background.permute(0, 3, 1, 2).detach()
         guided = self.guidance.sds_loss(out.image(), cameras, lighting, background,  # t ~ U(t_range), as the paper
-                                        views=self.prompt_views(cameras, self.step))
+                                        views=views)
         terms = {"sds": guided.loss, "entropy": losses.opacity_entropy(out.opacity)}
         if out.normal is not None:
             terms["normal_smooth_2d"] = losses.normal_smoothness_2d(out.normal, cfg.loss.normal_blur_kernel)

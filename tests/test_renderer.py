@@ -83,3 +83,37 @@ def test_unknown_shading_is_rejected():
     cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 4)
     with pytest.raises(ValueError, match="shading"):
         render(SphereField(), cam, shading="phong", light_dir=light_directions_near(cam, spread=0.0))
+
+
+def test_compositing_is_the_product_of_transmittances_and_its_gradient_never_reads_the_device():
+    """exp(-sum) equals the running product of (1 - alpha), also past an infinite density, and a training
+    render asks the device for sizes only where it compacts samples: twice per march, once for normals."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine.renderer import composite
+
+    sigma = torch.rand(4, 50) * 30.0
+    sigma[1, 10] = float("inf")
+    deltas = torch.full_like(sigma, 0.01)
+    alpha = 1.0 - torch.exp(-sigma * deltas)
+    product = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
+    assert torch.allclose(composite(sigma, deltas), alpha * product, atol=1e-6)
+
+    class Reads(TorchDispatchMode):  # ops whose CUDA kernels wait for the GPU to hand the host a size or a flag
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in ("nonzero", "_local_scalar_dense", "masked_select", "cumprod_backward") or (
+                    name.startswith("index") and any(getattr(i, "dtype", None) == torch.bool for i in args[1] or [])):
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    field = SphereField(radius=0.4)
+    field.density_value = torch.nn.Parameter(torch.tensor(200.0))  # a gradient through every composite
+    cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 16)
+    with Reads() as reads:
+        out = render(field, cam, stratified=True, shading="lambertian", light_dir=torch.tensor([[0.0, -1.0, 0.0]]))
+        (out.rgb.sum() + out.normal.sum()).backward()
+    assert field.density_value.grad is not None
+    assert reads.names == ["nonzero", "nonzero", "nonzero"]
