@@ -1,16 +1,22 @@
 """Per-step cost of the two long phases on the GPU, with full-size Stable Diffusion (random weights).
 
     python bench/bench_steps.py [--arch sd15|sd21-base] [--ti-steps 12] [--fit-steps 30]
+                                [--presets paper,standard,fast] [--backends triton,tcnn,torch]
+                                [--model-dir DIR] [--profile-steps 5]
 
 Builds SD 1.5 (or 2.1-base) from its published architecture with random weights,
 saves it as a diffusers folder and loads it back through `load_stable_diffusion`
 (the path real weights take), then times with CUDA synchronisation:
 
 * textual inversion: optimizer steps of `train_embedding` at the paper's recipe
-  (batch 1 x grad-accumulation 4, 512 px) and at the `fast` preset's (batch 4 x 1);
+  (batch 1 x grad-accumulation 4, 512 px) and at the `fast` preset's (batch 4 x 1), each
+  executed as its preset says (`prior.compile`: CUDA graphs by default);
 * one field-fit step (`RealFusionSystem.training_step`: reference view + SDS view +
-  regularisers) at the `paper` preset, with the torch hash grid and with tinycudann
-  when it imports;
+  regularisers) at each preset, with each hash-grid backend that is installed. The photo is an
+  analytic sphere and the prior's random weights steer the geometry, so the marched samples differ
+  from a converged fit's (bench/time_to_mesh.py times real runs);
+* with --profile-steps, that many fine-phase fit steps under torch.profiler (GPU busy fraction,
+  top kernels, top host operators and how often the host waited for the device);
 
 and peak GPU memory of each. Speed does not depend on the weights' values, so these
 are the real costs. Writes bench/results/steps_<arch>_<gpu>.json (and a copy in $OUT).
@@ -35,7 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from engine.cameras import reference_camera  # noqa: E402
 from engine.config import apply_overrides, preset  # noqa: E402
-from engine.fields.hashgrid import tcnn_available  # noqa: E402
+from engine.fields.hashgrid import tcnn_available, triton_available  # noqa: E402
 from engine.guidance import (StableDiffusionGuidance, add_placeholder_token, load_stable_diffusion,  # noqa: E402
                              text_embeddings_for_guidance, train_embedding)
 from engine.renderer import VolumeRenderer  # noqa: E402
@@ -91,21 +97,22 @@ def summary(times: list[float]) -> dict:
 
 
 def bench_textual_inversion(sd, recipe: str, steps: int) -> dict:
-    cfg = preset(recipe).textual_inversion
+    recipe_cfg = preset(recipe)
+    cfg = recipe_cfg.textual_inversion
     cfg.steps = steps
     image = torch.ones(3, 512, 512)
     image[:, 128:384, 160:352] = torch.tensor([0.8, 0.2, 0.2])[:, None, None]
     stamps = []
     torch.cuda.reset_peak_memory_stats()
-    train_embedding(sd, image, cfg, torch.Generator().manual_seed(0),
-                    progress=lambda step, loss: stamps.append(time.perf_counter()))  # .item() syncs each step
+    train_embedding(sd, image, cfg, torch.Generator().manual_seed(0),  # the preset's execution (CUDA graphs)
+                    progress=lambda step, loss: stamps.append(time.perf_counter()), execution=recipe_cfg.prior)
     per_step = [(b - a) * 1000 for a, b in zip(stamps[2:], stamps[3:])]  # first steps warm up
     return {"recipe": recipe, "batch_size": cfg.batch_size, "grad_accumulation": cfg.grad_accumulation,
             "resolution": cfg.resolution, "steps_in_preset": preset(recipe).textual_inversion.steps,
             **summary(per_step), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper") -> dict:
+def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper", profile_steps: int = 0) -> dict:
     cfg = apply_overrides(preset(preset_name), [f"field.backend={backend}"])
     device = sd.device
     token_id = add_placeholder_token(sd, "<e>", "object")
@@ -119,6 +126,8 @@ def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper") -> dict:
         system.step = step_index  # the schedule is a function of the step: measure both regimes
         times = timed_steps(lambda: _step_at(system, step_index), steps, warmup=3)
         results[phase] = summary(times)
+    if profile_steps:
+        results["fine_shaded"]["profile"] = profile_fit(system, int(0.7 * cfg.fit.iterations), profile_steps)
     iterations = cfg.fit.iterations
     coarse = results["coarse_albedo"]["median_ms"]
     fine = results["fine_shaded"]["median_ms"]
@@ -127,6 +136,20 @@ def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper") -> dict:
             "ref_resolution": cfg.render.ref_resolution, "random_resolution": cfg.render.random_resolution,
             "step_size": cfg.render.step_size, **results, "fit_estimate_s": round(estimate_s, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def profile_fit(system, step_index: int, steps: int) -> dict:
+    """`steps` fit steps under torch.profiler: GPU busy fraction, top kernels, top host operators."""
+    from profile_prior import kernel_summary, profiler
+
+    torch.cuda.synchronize()
+    with profiler(system.device) as prof:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            _step_at(system, step_index)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - begin) * 1000 / steps
+    return kernel_summary(prof, steps, wall_ms, top=30)
 
 
 def _step_at(system, step_index):
@@ -148,6 +171,10 @@ def main() -> int:
     parser.add_argument("--ti-steps", type=int, default=12)
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--presets", default="paper,standard,fast")
+    parser.add_argument("--backends", default="triton,tcnn,torch",
+                        help="hash-grid backends to time the fit with (those not installed are left out)")
+    parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many fine-phase fit steps")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_steps: no CUDA GPU here; nothing measured (this benchmark is GPU-only).")
@@ -158,7 +185,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        folder = build_full_size(Path(tmp) / args.arch, args.arch)
+        folder = Path(args.model_dir or Path(tmp) / args.arch)
+        if not (folder / "unet").is_dir():
+            folder = build_full_size(folder, args.arch)
         sd = load_stable_diffusion(str(folder), "cuda", "auto")
         load_s = time.perf_counter() - start
         report = {
@@ -168,13 +197,15 @@ def main() -> int:
                          "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "tinycudann": tcnn_available()},
             "build_and_load_s": round(load_s, 1),
-            "textual_inversion": [bench_textual_inversion(sd, name, args.ti_steps) for name in ("paper", "fast")],
+            "textual_inversion": [bench_textual_inversion(sd, name, args.ti_steps) for name in ("paper", "fast")
+                                  if args.ti_steps > 3],
             "fit": [],
         }
-        backends = ["torch"] + (["tcnn"] if tcnn_available() else [])
+        installed = {"torch": True, "tcnn": tcnn_available(), "triton": triton_available()}
+        backends = [b for b in args.backends.split(",") if installed.get(b)]
         for backend in backends:
             for name in args.presets.split(","):
-                report["fit"].append(bench_fit(sd, backend, args.fit_steps, name))
+                report["fit"].append(bench_fit(sd, backend, args.fit_steps, name, args.profile_steps))
                 print(json.dumps(report["fit"][-1]), flush=True)
     gpu = torch.cuda.get_device_name().replace(" ", "-").lower()
     text = json.dumps(report, indent=2)

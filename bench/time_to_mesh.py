@@ -1,7 +1,7 @@
 """Time to mesh: a whole `reconstruct`, photo to textured GLB, at each preset, cost-faithful (GPU).
 
     python bench/time_to_mesh.py [--presets fast standard paper] [--backend auto|torch|triton|tcnn]
-                                 [--compile none|compile|cudagraphs|compile-cudagraphs] [--object figure]
+                                 [--compile MODE (default: the preset's)] [--object figure]
                                  [--max-seconds 3600] [--reference-steps 10] [--set section.key=value ...]
                                  [--tiny]
 
@@ -57,7 +57,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 from check_fastpaths import device_name, save_result, versions  # noqa: E402  (one report header for both benches)
 
 from engine.config import build_config, preset  # noqa: E402
-from engine.fields.hashgrid import tcnn_available, triton_available  # noqa: E402
+from engine.fields.hashgrid import auto_backend  # noqa: E402
 from engine.guidance import load_stable_diffusion  # noqa: E402
 from engine.guidance.fast_paths import MODES, prior_modules  # noqa: E402
 from engine.harness.oracle import OracleGuidance, oracle_gain  # noqa: E402
@@ -331,7 +331,8 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
     from engine.harness.raycast import ColoredMesh
     from engine.pipeline import reconstruct
 
-    overrides = [f"field.backend={args.backend}", f"prior.compile={args.compile}"] + list(args.overrides)
+    overrides = [f"field.backend={args.backend}"] + ([f"prior.compile={args.compile}"] if args.compile else [])
+    overrides += list(args.overrides)
     if args.tiny:
         overrides = TINY_OVERRIDES + ["prior.dtype=fp32"] + overrides
     cfg = build_config(name, overrides, model=str(model))
@@ -345,7 +346,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
     colored = ColoredMesh.from_trimesh(mesh)
     result = {"benchmark": "time_to_mesh", "preset": name, "device": device_name(device), "versions": versions(),
               "weights": "tiny test SD (CPU smoke test)" if args.tiny else "SD 1.5 architecture, random weights",
-              "object": args.object, "backend_requested": args.backend, "compile": args.compile,
+              "object": args.object, "backend_requested": args.backend, "compile": cfg.prior.compile,
               "overrides": overrides, "config": {
                   "ti_steps": cfg.textual_inversion.steps, "ti_batch": cfg.textual_inversion.batch_size,
                   "ti_accumulation": cfg.textual_inversion.grad_accumulation,
@@ -443,7 +444,7 @@ def run_preset(name: str, args, model: Path, workdir: Path, device: torch.device
 def resolve_backend(args) -> str:
     if args.backend != "auto":
         return args.backend
-    return "tcnn" if tcnn_available() else "triton" if triton_available() else "torch"
+    return auto_backend()
 
 
 # ----------------------------------------------------------------------------- main
@@ -475,7 +476,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["fast", "standard", "paper"])
     parser.add_argument("--backend", choices=["auto", "torch", "triton", "tcnn"], default="auto")
-    parser.add_argument("--compile", choices=MODES, default="none")
+    parser.add_argument("--compile", choices=MODES, help="the prior's execution (default: the preset's own)")
     parser.add_argument("--object", default="figure")
     parser.add_argument("--max-seconds", type=float, default=3600.0, help="stop a preset's run past this")
     parser.add_argument("--reference-steps", type=int, default=10, help="plain-way steps timed first (0: none)")

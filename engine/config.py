@@ -128,7 +128,7 @@ class FieldConfig:
     # so it does not fight the mask at the object's extremities.
     blob_density: float = 5.0
     blob_radius: float = 0.2
-    backend: str = "auto"  # auto: tinycudann when it imports (and on CUDA), else triton on CUDA, else torch
+    backend: str = "auto"  # auto: Triton on CUDA, else tinycudann, else torch (fields.hashgrid.auto_backend)
     bg_hidden_dim: int = 32
 
 

@@ -240,8 +240,13 @@ def test_tcnn_wrapper_shares_params_and_state_dict_keys(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "tinycudann", types.SimpleNamespace(Encoding=_FakeTcnnEncoding))
     assert tcnn_available()
+    import engine.fields.hashgrid as hashgrid
+
+    monkeypatch.setattr(hashgrid, "triton_available", lambda: False)  # auto takes Triton first where it runs
     wrapped = make_hash_grid(**SMALL, backend="auto")
     assert type(wrapped).__name__ == "TcnnHashGridEncoding"
+    monkeypatch.setattr(hashgrid, "triton_available", lambda: True)
+    assert hashgrid.auto_backend() == "triton"
     assert wrapped.output_dim == 12 and wrapped.n_levels == 6 and wrapped.n_features_per_level == 2
     assert list(wrapped.state_dict()) == ["params"] == list(HashGridEncoding(**SMALL).state_dict())
     assert list(wrapped.parameters()) == [wrapped.params]  # registered once
