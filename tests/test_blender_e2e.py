@@ -29,7 +29,7 @@ E2E_OVERRIDES = [*TINY, "field.finest_resolution=64", "render.step_size=0.05", "
                  "fit.preview_every=50", "fit.checkpoint_every=200", "export.resolution=64", "export.texture_size=64",
                  # a 200-step reference-only fit for the add-on's placement checks, with the empty-space handling
                  # these tests were calibrated with: at the presets' haze floor (3 x the median) and empty-space
-                 # term this tiny fit's mesh IoU in the window test is 0.889 against its 0.9 bar (issue 11 open)
+                 # term this tiny fit's mesh IoU in the window test was 0.889 (its bar: test_blender_gui.py)
                  "loss.empty_space=0", "render.occupancy_haze_ratio=1.5"]
 SIZE = 64  # silhouettes are compared at this many pixels a side
 
