@@ -9,6 +9,7 @@ azimuth 0 puts the camera on the -Y axis looking at the front of the object
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ class Cameras:
     height: int
     polar: torch.Tensor | None = None  # [B] radians, where known (for view-dependent logic)
     azimuth: torch.Tensor | None = None  # [B] radians
+    # The same cameras on the CPU, kept by `to` when they move to a GPU: what the host needs of them (the
+    # renderer's sample count, the prompt's direction) without reading them back, which waits for the GPU.
+    host: "Cameras | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.c2w.shape[0]
@@ -48,15 +52,24 @@ class Cameras:
         """A sub-batch; an integer keeps the batch dimension (a batch of one)."""
         index = slice(index, index + 1) if isinstance(index, int) else index
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Cameras(self.c2w[index], self.fovy[index], self.width, self.height, pick(self.polar), pick(self.azimuth))
+        return Cameras(self.c2w[index], self.fovy[index], self.width, self.height, pick(self.polar), pick(self.azimuth),
+                       None if self.host is None else self.host[index])
 
     def with_resolution(self, width: int, height: int | None = None) -> "Cameras":
-        return Cameras(self.c2w, self.fovy, width, height or width, self.polar, self.azimuth)
+        return Cameras(self.c2w, self.fovy, width, height or width, self.polar, self.azimuth,
+                       None if self.host is None else self.host.with_resolution(width, height))
+
+    def on_host(self) -> "Cameras | None":
+        """These cameras on the CPU, if they are there or kept a copy there; None otherwise."""
+        return self if self.device.type == "cpu" else self.host
 
     def to(self, device) -> "Cameras":
         move = lambda t: None if t is None else to_device(t, device)  # noqa: E731
+        host = self.on_host()
+        if torch.device(device).type == "cpu":
+            host = None
         return Cameras(to_device(self.c2w, device), to_device(self.fovy, device), self.width, self.height,
-                       move(self.polar), move(self.azimuth))
+                       move(self.polar), move(self.azimuth), host)
 
     def project(self, points: torch.Tensor) -> torch.Tensor:
         """World points [N,3] -> pixel coordinates [B,N,2] (x right, y down, pixel centers at +0.5)."""
@@ -122,13 +135,13 @@ def look_at(position: torch.Tensor, target: torch.Tensor | None = None) -> torch
 
 def orbit_cameras(polar_deg, azimuth_deg, radius, fovy_deg, resolution: int, device="cpu") -> Cameras:
     """Cameras on a sphere around the origin looking at it; angle arguments in degrees, scalars or sequences."""
-    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32, device=device).reshape(-1)  # noqa: E731
+    as_tensor = lambda v: torch.as_tensor(v, dtype=torch.float32).reshape(-1)  # noqa: E731
     polar, azimuth, radius, fovy = torch.broadcast_tensors(
         torch.deg2rad(as_tensor(polar_deg)), torch.deg2rad(as_tensor(azimuth_deg)),
         as_tensor(radius), torch.deg2rad(as_tensor(fovy_deg)),
     )
     c2w = look_at(spherical_to_position(polar, azimuth, radius))
-    return Cameras(c2w, fovy, resolution, resolution, polar, azimuth)
+    return Cameras(c2w, fovy, resolution, resolution, polar, azimuth).to(device)  # built on the CPU: keeps `host`
 
 
 def reference_camera(cfg: CameraConfig, resolution: int, device="cpu") -> Cameras:

@@ -191,7 +191,7 @@ class VolumeRenderer:
         origins, dirs = origins.reshape(-1, 3), dirs.reshape(-1, 3)
         rays_per_view = height * width
 
-        t, deltas, points, live = self._march(field, origins, dirs, stratified, occupancy)
+        t, deltas, points, live = self._march(field, origins, dirs, stratified, occupancy, self.sample_count(cameras))
         sigma = t.new_zeros(t.numel())
         albedo = t.new_zeros(t.numel(), 3)
         if live.numel():
@@ -233,14 +233,20 @@ class VolumeRenderer:
             background=bg.reshape(*shape, 3),
         )
 
-    def sample_count(self) -> int:
-        """Samples per ray: enough for the longest chord of the box (its diagonal), so the count needs no
-        look at the rays (reading their longest chord back from the GPU would wait for it); the samples past
-        a ray's exit are never evaluated."""
-        return max(1, min(self.cfg.max_samples, math.ceil(2.0 * math.sqrt(3.0) * self.bound / self.cfg.step_size)))
+    def sample_count(self, cameras: Cameras) -> int:
+        """Samples per ray: enough for the longest chord of the box any of these rays takes, found from the
+        cameras' CPU copy (reading the rays' chords back from the GPU would wait for it); without one, the
+        box's diagonal. Samples past a ray's exit are never evaluated."""
+        longest = 2.0 * math.sqrt(3.0) * self.bound
+        host = cameras.on_host()
+        if host is not None:
+            near, far = intersect_box(*(r.reshape(-1, 3) for r in host.rays()), self.bound)
+            longest = float((far - near).clamp(min=0.0).max()) if near.numel() else 0.0
+        # one sample more than the host's chord asks: the device's own rounding may find a longer one
+        return max(1, min(self.cfg.max_samples, math.ceil(longest / self.cfg.step_size) + 1))
 
     def _march(self, field: "RadianceField", origins: torch.Tensor, dirs: torch.Tensor, stratified: bool,
-               occupancy: OccupancyGrid | None):
+               occupancy: OccupancyGrid | None, count: int):
         """Sample distances t [N,S], segment lengths [N,S], points [N,S,3], and the flat indices (into N*S)
         of the samples to evaluate.
 
@@ -248,7 +254,7 @@ class VolumeRenderer:
         (with gradients, in `render`) evaluates only the samples that can still change a pixel. Samples are
         picked by index tensors, two reads from the GPU in all (a boolean mask as an index is one read each).
         """
-        step, count = self.cfg.step_size, self.sample_count()
+        step = self.cfg.step_size
         near, far = intersect_box(origins, dirs, self.bound)
         offset = torch.rand_like(near)[:, None] if stratified else torch.full_like(near, 0.5)[:, None]
         t = near[:, None] + (torch.arange(count, device=near.device, dtype=near.dtype)[None] + offset) * step

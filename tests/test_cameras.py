@@ -86,3 +86,14 @@ def test_turntable_starts_at_the_reference_view_and_goes_round():
     cams = turntable_cameras(cfg, 8, 32)
     assert torch.allclose(cams.c2w[0], reference_camera(cfg, 32).c2w[0], atol=1e-6)
     assert torch.rad2deg(cams.azimuth).tolist() == pytest.approx([45.0 * i for i in range(8)], abs=1e-4)
+
+
+def test_cameras_moved_off_the_cpu_keep_their_cpu_copy_for_the_host():
+    """The renderer's sample count and the prompt's direction read the cameras on the host; on a GPU that
+    read would wait for it, so cameras moved there keep their CPU copy (sliced and resized with them)."""
+    cams = turntable_cameras(CameraConfig(), 4, 32)
+    moved = cams.to("meta")  # any device that is not the CPU
+    assert moved.c2w.device.type == "meta" and moved.on_host() is cams
+    assert torch.equal(moved[2].on_host().c2w, cams.c2w[2:3]) and moved.with_resolution(8).on_host().width == 8
+    assert moved.to("meta").on_host() is cams
+    assert cams.to("cpu").host is None and cams.on_host() is cams

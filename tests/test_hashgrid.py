@@ -246,7 +246,10 @@ def test_tcnn_wrapper_shares_params_and_state_dict_keys(monkeypatch):
     wrapped = make_hash_grid(**SMALL, backend="auto")
     assert type(wrapped).__name__ == "TcnnHashGridEncoding"
     monkeypatch.setattr(hashgrid, "triton_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert hashgrid.auto_backend() == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))  # below Triton's
+    assert hashgrid.auto_backend() == "tcnn"
     assert wrapped.output_dim == 12 and wrapped.n_levels == 6 and wrapped.n_features_per_level == 2
     assert list(wrapped.state_dict()) == ["params"] == list(HashGridEncoding(**SMALL).state_dict())
     assert list(wrapped.parameters()) == [wrapped.params]  # registered once

@@ -112,8 +112,15 @@ def test_compositing_is_the_product_of_transmittances_and_its_gradient_never_rea
     field = SphereField(radius=0.4)
     field.density_value = torch.nn.Parameter(torch.tensor(200.0))  # a gradient through every composite
     cam = orbit_cameras(90.0, 0.0, 2.0, 40.0, 16)
+    renderer = VolumeRenderer(RenderConfig(step_size=0.006), bound=0.75)
+    # the sample count comes from the cameras' CPU copy (on a GPU, a read of host memory): outside the count
+    near, far = intersect_box(*(r.reshape(-1, 3) for r in cam.rays()), 0.75)
+    count = renderer.sample_count(cam)
+    assert count == math.ceil(float((far - near).max()) / 0.006) + 1  # the longest chord these rays take
+    renderer.sample_count = lambda cameras: count
     with Reads() as reads:
-        out = render(field, cam, stratified=True, shading="lambertian", light_dir=torch.tensor([[0.0, -1.0, 0.0]]))
+        out = renderer.render(field, None, cam, stratified=True, shading="lambertian",
+                              light_dir=torch.tensor([[0.0, -1.0, 0.0]]))
         (out.rgb.sum() + out.normal.sum()).backward()
     assert field.density_value.grad is not None
     assert reads.names == ["nonzero", "nonzero", "nonzero"]

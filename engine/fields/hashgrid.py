@@ -375,8 +375,10 @@ def auto_backend() -> str:
     """Triton on CUDA, else tinycudann, else PyTorch. Triton first: on one H200 a whole fit step took
     59.0 ms with it against 74.1 with tinycudann at `paper`, 66.1 against 73.0 at `standard` (64.3 against
     67.1 at `fast`; bench/results/steps_sd15_nvidia-h200_s26a.json), and it computes what the PyTorch grid
-    computes to 3e-7 (tinycudann, in half precision, to 2e-4)."""
-    return "triton" if triton_available() else "tcnn" if tcnn_available() else "torch"
+    computes to 3e-7 (tinycudann, in half precision, to 2e-4). Only on GPUs Triton supports (compute
+    capability 8.0 and up, by its own README); on older ones tinycudann, which builds for them."""
+    triton_ok = triton_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return "triton" if triton_ok else "tcnn" if tcnn_available() else "torch"
 
 
 def make_hash_grid(
