@@ -20,6 +20,7 @@ run to run, as tcnn's do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -202,6 +203,12 @@ class _LevelTables:
         return self.scale, self.multiplier, self.size, self.hashed, self.offset
 
 
+def _on_device_of(x: Tensor):
+    """Triton launches on the current CUDA device and its stream: make that x's (`--device cuda:1`), so the
+    kernel does not run on GPU 0 with another GPU's pointers. A no-op on the CPU (the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class _HashGridFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, params: Tensor, tables: _LevelTables, n_levels: int, n_features: int) -> Tensor:
@@ -209,8 +216,9 @@ class _HashGridFunction(torch.autograd.Function):
         out = torch.empty(n_points, n_levels * n_features, device=x.device, dtype=torch.float32)
         if n_points:
             grid = (triton.cdiv(n_points, BLOCK_POINTS),)
-            _hash_grid_forward[grid](x, params, out, *tables.args(), n_points, n_levels,
-                                     F=n_features, BLOCK=BLOCK_POINTS)
+            with _on_device_of(x):
+                _hash_grid_forward[grid](x, params, out, *tables.args(), n_points, n_levels,
+                                         F=n_features, BLOCK=BLOCK_POINTS)
         ctx.save_for_backward(x, params)
         ctx.tables, ctx.n_levels, ctx.n_features = tables, n_levels, n_features
         return out
@@ -226,9 +234,10 @@ class _HashGridFunction(torch.autograd.Function):
         n_points = x.shape[0]
         if n_points and (need_x or need_params):
             grid = (triton.cdiv(n_points, BLOCK_POINTS),)
-            _hash_grid_backward[grid](x, params, grad_out.float().contiguous(), grad_params, grad_x,
-                                      *ctx.tables.args(), n_points, ctx.n_levels, F=ctx.n_features,
-                                      BLOCK=BLOCK_POINTS, NEED_GRAD_X=bool(need_x))
+            with _on_device_of(x):
+                _hash_grid_backward[grid](x, params, grad_out.float().contiguous(), grad_params, grad_x,
+                                          *ctx.tables.args(), n_points, ctx.n_levels, F=ctx.n_features,
+                                          BLOCK=BLOCK_POINTS, NEED_GRAD_X=bool(need_x))
         return (grad_x if need_x else None), (grad_params if need_params else None), None, None, None
 
 
