@@ -127,7 +127,10 @@ def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper", profile_
         times = timed_steps(lambda: _step_at(system, step_index), steps, warmup=3)
         results[phase] = summary(times)
     if profile_steps:
-        results["fine_shaded"]["profile"] = profile_fit(system, int(0.7 * cfg.fit.iterations), profile_steps)
+        from profile_prior import gpu_busy
+
+        fine_step = int(0.7 * cfg.fit.iterations)
+        results["fine_shaded"]["profile"] = gpu_busy(lambda: _step_at(system, fine_step), device, profile_steps)
     iterations = cfg.fit.iterations
     coarse = results["coarse_albedo"]["median_ms"]
     fine = results["fine_shaded"]["median_ms"]
@@ -136,20 +139,6 @@ def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper", profile_
             "ref_resolution": cfg.render.ref_resolution, "random_resolution": cfg.render.random_resolution,
             "step_size": cfg.render.step_size, **results, "fit_estimate_s": round(estimate_s, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-
-
-def profile_fit(system, step_index: int, steps: int) -> dict:
-    """`steps` fit steps under torch.profiler: GPU busy fraction, top kernels, top host operators."""
-    from profile_prior import kernel_summary, profiler
-
-    torch.cuda.synchronize()
-    with profiler(system.device) as prof:
-        begin = time.perf_counter()
-        for _ in range(steps):
-            _step_at(system, step_index)
-        torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - begin) * 1000 / steps
-    return kernel_summary(prof, steps, wall_ms, top=30)
 
 
 def _step_at(system, step_index):

@@ -65,9 +65,7 @@ class Cameras:
 
     def to(self, device) -> "Cameras":
         move = lambda t: None if t is None else to_device(t, device)  # noqa: E731
-        host = self.on_host()
-        if torch.device(device).type == "cpu":
-            host = None
+        host = None if torch.device(device).type == "cpu" else self.on_host()
         return Cameras(to_device(self.c2w, device), to_device(self.fovy, device), self.width, self.height,
                        move(self.polar), move(self.azimuth), host)
 
