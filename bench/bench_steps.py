@@ -2,7 +2,7 @@
 
     python bench/bench_steps.py [--arch sd15|sd21-base] [--ti-steps 12] [--fit-steps 30]
                                 [--presets paper,standard,fast] [--backends triton,tcnn,torch]
-                                [--model-dir DIR] [--profile-steps 5]
+                                [--model-dir DIR] [--profile-steps 5] [--set section.key=value ...] [--tag NAME]
 
 Builds SD 1.5 (or 2.1-base) from its published architecture with random weights,
 saves it as a diffusers folder and loads it back through `load_stable_diffusion`
@@ -96,8 +96,8 @@ def summary(times: list[float]) -> dict:
     return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "n": len(times)}
 
 
-def bench_textual_inversion(sd, recipe: str, steps: int) -> dict:
-    recipe_cfg = preset(recipe)
+def bench_textual_inversion(sd, recipe: str, steps: int, overrides: list[str] = ()) -> dict:
+    recipe_cfg = apply_overrides(preset(recipe), list(overrides))
     cfg = recipe_cfg.textual_inversion
     cfg.steps = steps
     image = torch.ones(3, 512, 512)
@@ -112,8 +112,9 @@ def bench_textual_inversion(sd, recipe: str, steps: int) -> dict:
             **summary(per_step), "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper", profile_steps: int = 0) -> dict:
-    cfg = apply_overrides(preset(preset_name), [f"field.backend={backend}"])
+def bench_fit(sd, backend: str, steps: int, preset_name: str = "paper", profile_steps: int = 0,
+              overrides: list[str] = ()) -> dict:
+    cfg = apply_overrides(preset(preset_name), [f"field.backend={backend}", *overrides])
     device = sd.device
     token_id = add_placeholder_token(sd, "<e>", "object")
     guidance = StableDiffusionGuidance(sd, text_embeddings_for_guidance(sd, "an image of a <e>", None, token_id),
@@ -164,6 +165,9 @@ def main() -> int:
                         help="hash-grid backends to time the fit with (those not installed are left out)")
     parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many fine-phase fit steps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting for every preset timed (e.g. prior.group_norm=native)")
+    parser.add_argument("--tag", default="", help="results go to steps_<arch>_<gpu>_<tag>.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_steps: no CUDA GPU here; nothing measured (this benchmark is GPU-only).")
@@ -186,19 +190,20 @@ def main() -> int:
                          "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "tinycudann": tcnn_available()},
             "build_and_load_s": round(load_s, 1),
-            "textual_inversion": [bench_textual_inversion(sd, name, args.ti_steps) for name in ("paper", "fast")
-                                  if args.ti_steps > 3],
+            "overrides": args.overrides,
+            "textual_inversion": [bench_textual_inversion(sd, name, args.ti_steps, args.overrides)
+                                  for name in ("paper", "fast") if args.ti_steps > 3],
             "fit": [],
         }
         installed = {"torch": True, "tcnn": tcnn_available(), "triton": triton_available()}
         backends = [b for b in args.backends.split(",") if installed.get(b)]
         for backend in backends:
             for name in args.presets.split(","):
-                report["fit"].append(bench_fit(sd, backend, args.fit_steps, name, args.profile_steps))
+                report["fit"].append(bench_fit(sd, backend, args.fit_steps, name, args.profile_steps, args.overrides))
                 print(json.dumps(report["fit"][-1]), flush=True)
     gpu = torch.cuda.get_device_name().replace(" ", "-").lower()
     text = json.dumps(report, indent=2)
-    out = ROOT / "bench" / "results" / f"steps_{args.arch}_{gpu}.json"
+    out = ROOT / "bench" / "results" / f"steps_{args.arch}_{gpu}{'_' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     if os.environ.get("OUT"):

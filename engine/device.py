@@ -23,8 +23,9 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """`tensor` on `device`. From the CPU to a GPU through pinned memory without waiting: a plain copy
     from pageable memory synchronizes the stream, so the host would stop queueing kernels until the
     GPU ran dry (the loops draw their random numbers on the CPU, for reproducibility, several times a
-    step). The caching host allocator keeps the pinned block until the copy is done."""
+    step). The caching host allocator keeps the pinned block until the copy is done. A broadcast view
+    (elements sharing memory) is made contiguous first: pin_memory refuses it."""
     device = torch.device(device)
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.contiguous().pin_memory().to(device, non_blocking=True)

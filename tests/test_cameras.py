@@ -97,3 +97,11 @@ def test_cameras_moved_off_the_cpu_keep_their_cpu_copy_for_the_host():
     assert torch.equal(moved[2].on_host().c2w, cams.c2w[2:3]) and moved.with_resolution(8).on_host().width == 8
     assert moved.to("meta").on_host() is cams
     assert cams.to("cpu").host is None and cams.on_host() is cams
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned copies)")
+def test_orbit_cameras_reach_the_gpu_from_broadcast_angles():
+    # a scalar radius and fovy broadcast against several azimuths are views sharing memory, which
+    # pin_memory refuses: every preview of the fit went through this on the GPU
+    cameras = orbit_cameras(75.0, [0.0, 90.0, 180.0], 1.8, 55.0, 16, device="cuda")
+    assert cameras.fovy.device.type == "cuda" and cameras.on_host().fovy.shape == (3,)
