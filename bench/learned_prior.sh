@@ -2,7 +2,7 @@
 # Issue 16 end to end: train the learned prior, reconstruct the held-out green cube with it, with the tiny random
 # model and as a plain sphere, score all three and measure textual inversion. One GPU, about 9 minutes:
 #   bench/learned_prior.sh OUT            (SMOKE=1: CPU-sized, a few minutes; TRAIN_ARGS/RECON_SETS add settings)
-# PRIOR_MODEL=FOLDER skips the training and measures that model instead.
+# PRIOR_MODEL=FOLDER skips the training and measures that model instead; LEARNED_VARIANTS adds runs with other settings.
 # Writes OUT/prior (the diffusers folder), OUT/runs/{learned,random,sphere}, OUT/ti.json, OUT/reconstruction.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,10 +47,17 @@ fi
 RES=$($PY -c "import json; print(json.load(open('$OUT/prior/unet/config.json'))['sample_size'] * 4)")  # native px
 ( recon learned "$OUT/prior" "$RES"; score learned ) &
 LEARNED_PID=$!
+# LEARNED_VARIANTS="NAME:--set,section.key=value ...": more runs with the learned model, settings added (commas for spaces)
+VARIANT_PIDS=""
+for variant in ${LEARNED_VARIANTS:-}; do
+  name=${variant%%:*}; sets=${variant#*:}
+  ( RECON_SETS="$RECON_SETS ${sets//,/ }" recon "learned_$name" "$OUT/prior" "$RES"; score "learned_$name" ) &
+  VARIANT_PIDS="$VARIANT_PIDS $!"
+done
 # Textual inversion's measurement needs only the run's embedding.pt, written before the fit starts.
 until [ -f "$OUT/runs/learned/embedding.pt" ] || ! kill -0 $LEARNED_PID 2>/dev/null; do sleep 2; done
 say "ti"; $PY bench/learned_prior.py ti --model "$OUT/prior" --run "$OUT/runs/learned" --out "$OUT/ti.json" --device "$DEV" $TI_ARGS >> "$LOG" 2>&1
 say "ti: exit $?"
-wait $RANDOM_PID $LEARNED_PID
+wait $RANDOM_PID $LEARNED_PID $VARIANT_PIDS
 $PY bench/learned_prior.py table --dir "$OUT/runs" --out "$OUT/reconstruction.json" >> "$LOG" 2>&1
 say "table: exit $?"
