@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--model-dir", help="keep the random-weight SD folder here and reuse it")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many fine-phase fit steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a setting for every preset timed (e.g. prior.group_norm=native)")
+                        help="a setting for every preset timed (e.g. prior.vae_attention=sdpa)")
     parser.add_argument("--tag", default="", help="results go to steps_<arch>_<gpu>_<tag>.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():

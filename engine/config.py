@@ -58,9 +58,6 @@ class PriorConfig:
     # an SDS step's kernel time on an H200, at 512 px); cuDNN's own transposes for NCHW convolutions cost less.
     vae_channels_last: bool = False
     vae_attention: str = "math"  # the VAE's attention: math (two matmuls) or sdpa (fast_paths.prior_modules)
-    # Both networks' GroupNorm: split (engine/guidance/group_norm.py: statistics reduced over the whole GPU; PyTorch's
-    # kernel gives each of a batch-1 VAE's 32 groups one thread block) or native (PyTorch's)
-    group_norm: str = "split"
 
 
 @dataclass

@@ -113,7 +113,6 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     from .augment import AUGMENTATIONS
     from .guidance.fast_paths import MODES as PRIOR_COMPILE_MODES
     from .guidance.fast_paths import VAE_ATTENTION
-    from .guidance.group_norm import NORMS as GROUP_NORMS
     from .guidance.stable_diffusion import _DTYPES, WEIGHTINGS  # the names the prior understands
 
     problems: list[str] = []
@@ -161,7 +160,6 @@ def _value_problems(cfg: ReconstructionConfig) -> list[str]:
     between("prior.overhead_angle_deg", 0, 90)
     one_of("prior.compile", PRIOR_COMPILE_MODES)
     one_of("prior.vae_attention", VAE_ATTENTION)
-    one_of("prior.group_norm", GROUP_NORMS)
 
     ti = cfg.textual_inversion
     need(bool(ti.placeholder) and not any(c.isspace() for c in ti.placeholder) and len(ti.placeholder) <= 32,

@@ -15,7 +15,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine.augment import augment, augment_batch
 from engine.config import PriorConfig, TextualInversionConfig, preset
@@ -135,53 +134,6 @@ def test_vae_math_attention_gives_the_sdpa_gradient_and_layouts_switch_back(sd):
     assert {type(p).__name__ for p in sd.vae.attn_processors.values()} == {"AttnProcessor2_0"}
     with pytest.raises(EngineError):
         prior_modules(sd, "none", vae_attention="flash")
-
-
-def test_split_group_norm_is_torchs_group_norm_in_value_gradient_and_layout():
-    from engine.guidance.group_norm import split_group_norm
-
-    generator = torch.Generator().manual_seed(3)
-    for channels_last in (False, True):
-        x = (torch.randn(2, 32, 5, 6, generator=generator, dtype=torch.float64) * 3 + 2).requires_grad_()
-        if channels_last:
-            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-        weight, bias = (torch.randn(32, generator=generator, dtype=torch.float64).requires_grad_() for _ in range(2))
-        assert torch.autograd.gradcheck(lambda a, w, b: split_group_norm(a, 8, w, b, 1e-6), (x, weight, bias))
-        ours, theirs = split_group_norm(x, 8, weight, bias, 1e-6), F.group_norm(x, 8, weight, bias, 1e-6)
-        torch.testing.assert_close(ours, theirs)
-        assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last  # no transposes around it
-        upstream = torch.randn(ours.shape, generator=generator, dtype=torch.float64)
-        for a, b in zip(torch.autograd.grad(ours, (x, weight, bias), upstream),
-                        torch.autograd.grad(theirs, (x, weight, bias), upstream)):
-            torch.testing.assert_close(a, b)
-    half = torch.randn(1, 64, 8, 8, generator=generator).half()
-    assert split_group_norm(half, 32).dtype == torch.float16
-    torch.testing.assert_close(split_group_norm(half, 32).float(), F.group_norm(half.float(), 32), atol=2e-3, rtol=0)
-    with pytest.raises(ValueError):
-        split_group_norm(half, 5)
-
-
-def test_split_group_norm_gives_the_sds_gradient_and_switches_back(sd):
-    """prior.group_norm=split swaps every GroupNorm of both networks (same parameters, same SDS gradient); on
-    CUDA only, like NHWC: on a CPU PyTorch's own is faster, so prior_modules keeps it there."""
-    from engine.guidance.group_norm import SplitGroupNorm, use_split_group_norm, uses_split_group_norm
-
-    cfg = dataclasses.replace(PriorConfig(), guidance_scale=7.5)
-    modules = prior_modules(sd, "none", group_norm="split")
-    assert not uses_split_group_norm(sd.unet) and not uses_split_group_norm(sd.vae)  # the CPU: PyTorch's
-    native = _sds_image_gradient(sd, cfg, modules)
-    try:
-        assert use_split_group_norm(sd.unet, True) and use_split_group_norm(sd.vae, True)
-        assert not any(type(m) is torch.nn.GroupNorm for m in [*sd.unet.modules(), *sd.vae.modules()])
-        assert any(type(m) is SplitGroupNorm for m in sd.vae.modules())
-        split = _sds_image_gradient(sd, cfg, modules)
-    finally:
-        use_split_group_norm(sd.unet, False), use_split_group_norm(sd.vae, False)
-    assert not uses_split_group_norm(sd.unet) and not uses_split_group_norm(sd.vae)
-    assert native.norm() > 0
-    torch.testing.assert_close(split, native, rtol=1e-4, atol=1e-5 * float(native.abs().max()))
-    with pytest.raises(EngineError):
-        prior_modules(sd, "none", group_norm="apex")
 
 
 def test_posterior_sample_is_diffusers_draw_for_draw():

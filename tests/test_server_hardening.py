@@ -33,7 +33,6 @@ BAD_SETTINGS = [
     (["seed=1180591620717411303424"], "seed"),
     (['fit.betas=["a","b"]'], "fit.betas[0]"),
     (["field.backend=evil"], "field.backend"),
-    (["prior.group_norm=apex"], "prior.group_norm"),
     (["textual_inversion.prompt=a photo of it"], "textual_inversion.prompt"),
     (["render.step_size=0"], "render.step_size"),
     (["fit.checkpoint_every=0"], "fit.checkpoint_every"),

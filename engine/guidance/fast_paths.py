@@ -35,7 +35,6 @@ import torch
 
 from engine.device import to_device
 from engine.errors import EngineError
-from engine.guidance.group_norm import NORMS, use_split_group_norm
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def check_mode(mode: str) -> str:
 
 
 def prior_modules(sd, mode: str = "none", channels_last: bool = True, *, vae_channels_last: bool | None = None,
-                  vae_attention: str = "sdpa", group_norm: str = "native", backend: str | None = None) -> PriorModules:
+                  vae_attention: str = "sdpa", backend: str | None = None) -> PriorModules:
     """The UNet and VAE-encoder calls of `sd` in `mode` (see the module docstring).
 
     `channels_last` lays the UNet's weights out NHWC (CUDA), `vae_channels_last` the VAE's (default: as
@@ -76,24 +75,18 @@ def prior_modules(sd, mode: str = "none", channels_last: bool = True, *, vae_cha
     VAE's one attention has a single head 512 wide over 64 x 64 positions, which no flash kernel takes:
     SDPA falls back to the memory-efficient kernel, whose backward alone took 5.8 ms of an SDS step on
     an H200, against well under a millisecond for two plain matmuls (bench/profile_prior.py).
-    `group_norm` picks both networks' GroupNorm: "native" (PyTorch's) or "split" (engine/guidance/group_norm.py:
-    statistics reduced over the whole GPU, the input's layout kept; PyTorch's gives a batch-1 VAE 32 blocks), on CUDA.
     `backend` overrides torch.compile's backend (tests use "aot_eager" to run the compiled path's
     tracing and autograd on the CPU); given, it applies on the CPU too.
     """
     check_mode(mode)
     if vae_attention not in VAE_ATTENTION:
         raise EngineError(f"Unknown prior.vae_attention {vae_attention!r}.", f"Use one of {', '.join(VAE_ATTENTION)}.")
-    if group_norm not in NORMS:
-        raise EngineError(f"Unknown prior.group_norm {group_norm!r}.", f"Use one of {', '.join(NORMS)}.")
     on_cuda = sd.device.type == "cuda"
     if not on_cuda and (backend is None or mode == "graphs"):
         mode = "none"  # compile and CUDA graphs are CUDA speed-ups; the CPU runs eager (`backend` is torch.compile's)
     cache = _cache(sd)
     vae_channels_last = channels_last if vae_channels_last is None else vae_channels_last
-    # NHWC and the split GroupNorm are CUDA speed-ups (on a CPU PyTorch's GroupNorm is 4 times faster than the split one)
-    layout = (bool(channels_last and on_cuda), bool(vae_channels_last and on_cuda), vae_attention,
-              group_norm if on_cuda else "native")
+    layout = (bool(channels_last and on_cuda), bool(vae_channels_last and on_cuda), vae_attention)
     key = (mode, *layout, backend)
     if key in cache:
         return cache[key]
@@ -125,21 +118,18 @@ def modules_for(sd, prior=None) -> PriorModules:
 def execution_layout(prior) -> dict:
     """A PriorConfig's layout settings, as `prior_modules` takes them."""
     return {"channels_last": prior.channels_last, "vae_channels_last": prior.vae_channels_last,
-            "vae_attention": prior.vae_attention, "group_norm": prior.group_norm}
+            "vae_attention": prior.vae_attention}
 
 
 VAE_ATTENTION = ("sdpa", "math")
 
 
-def _set_layout(sd, layout: tuple[bool, bool, str, str], cache: dict) -> None:
+def _set_layout(sd, layout: tuple[bool, bool, str], cache: dict) -> None:
     """Lay the shared model out as `layout` asks, in place (the same weights), reading what it is now off
     the modules themselves. A change invalidates every cached call: a CUDA graph holds the addresses of
     the weights it was captured with."""
-    unet_nhwc, vae_nhwc, vae_attention, group_norm = layout
+    unet_nhwc, vae_nhwc, vae_attention = layout
     changed = False
-    for module in (sd.unet, sd.vae):
-        if isinstance(module, torch.nn.Module):
-            changed |= use_split_group_norm(module, group_norm == "split")
     for module, nhwc in ((sd.unet, unet_nhwc), (sd.vae, vae_nhwc)):
         if isinstance(module, torch.nn.Module) and _is_nhwc(module) != nhwc:
             module.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
