@@ -78,6 +78,20 @@ def build_full_size(folder: Path, arch: str) -> Path:
     return folder
 
 
+def model_folder(model_dir: str | None, workdir: Path, tiny: bool = False, arch: str = "sd15") -> Path:
+    """The random-weight SD folder: `model_dir` when it already holds one (built by an earlier bench run),
+    else built there (or in `workdir`): the tests' tiny SD, or `arch` at full size."""
+    folder = Path(model_dir) if model_dir else workdir / "sd"
+    if (folder / "unet").is_dir() and (folder / "vae").is_dir():
+        return folder
+    if tiny:
+        from tiny_sd import build_tiny_stable_diffusion
+
+        return build_tiny_stable_diffusion(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return build_full_size(folder, arch)
+
+
 def timed_steps(step, n: int, warmup: int) -> list[float]:
     """Milliseconds of each of `n` calls of `step()` after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -178,9 +192,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        folder = Path(args.model_dir or Path(tmp) / args.arch)
-        if not (folder / "unet").is_dir():
-            folder = build_full_size(folder, args.arch)
+        folder = model_folder(args.model_dir, Path(tmp), arch=args.arch)
         sd = load_stable_diffusion(str(folder), "cuda", "auto")
         load_s = time.perf_counter() - start
         report = {

@@ -297,7 +297,7 @@ def device_name_slug(name: str) -> str:
 
 
 def load_prior(tiny: bool, workdir: Path, device: torch.device, model_dir: str | None):
-    from time_to_mesh import model_folder
+    from bench_steps import model_folder
 
     return load_stable_diffusion(str(model_folder(model_dir, workdir, tiny)), device, "fp32" if tiny else "auto")
 

@@ -54,6 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
+from bench_steps import model_folder  # noqa: E402
 from check_fastpaths import device_name, save_result, versions  # noqa: E402  (one report header for both benches)
 
 from engine.config import build_config, preset  # noqa: E402
@@ -454,22 +455,6 @@ def write(result: dict) -> Path:
     slug = result["device"].replace(" ", "-").lower()
     suffix = "" if result["backend_requested"] == "auto" else f"_{result['backend_requested']}"
     return save_result(result, f"time_to_mesh_{slug}_{result['preset']}{suffix}.json")
-
-
-def model_folder(model_dir: str | None, workdir: Path, tiny: bool) -> Path:
-    """The random-weight SD folder: `model_dir` when it already holds one (built by an earlier bench run),
-    else built there (or in `workdir`)."""
-    folder = Path(model_dir) if model_dir else workdir / "sd"
-    if (folder / "unet").is_dir() and (folder / "vae").is_dir():
-        return folder
-    if tiny:
-        from tiny_sd import build_tiny_stable_diffusion
-
-        return build_tiny_stable_diffusion(folder)
-    from bench_steps import build_full_size
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return build_full_size(folder, "sd15")
 
 
 def main() -> int:
